@@ -1,0 +1,6 @@
+"""DCNv3 operator: one entry point (`dcnv3_core`), a compiled fast path and the pure-PyTorch reference."""
+
+from .dispatch import DCNv3Core, dcnv3_core, resolve_backend
+from .reference import dcnv3_core_reference, dcnv3_output_size
+
+__all__ = ["DCNv3Core", "dcnv3_core", "dcnv3_core_reference", "dcnv3_output_size", "resolve_backend"]

@@ -1,0 +1,93 @@
+"""Choose the DCNv3 implementation per call: a compiled kernel when one is available, else the reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .reference import dcnv3_core_reference
+
+BACKEND_ENV = "INTERNIMAGE_DCNV3_BACKEND"
+BACKENDS = ("auto", "compiled", "reference")
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """The backend to use: the argument, else $INTERNIMAGE_DCNV3_BACKEND, else "auto"."""
+    choice = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    choice = choice.strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"Unknown DCNv3 backend {choice!r}; choose one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def _compiled_op(required: bool):
+    """The compiled op, or None. Decided once per process by `loader` (never at import time)."""
+    from .loader import get_compiled_op
+
+    return get_compiled_op(required=required)
+
+
+def dcnv3_core(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """DCNv3 core op (official argument order, channels-last). See SPEC §1 for the math.
+
+    backend: "auto" (compiled if available, else reference with one warning), "compiled" (error if unavailable),
+    "reference" (pure PyTorch). Default: $INTERNIMAGE_DCNV3_BACKEND or "auto".
+    """
+    args = (input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+            group, group_channels, offset_scale, remove_center)
+    choice = resolve_backend(backend)
+    if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
+        op = _compiled_op(required=choice == "compiled")
+        if op is not None and op.supports(input):
+            return op(*args)
+    return dcnv3_core_reference(*args)
+
+
+def _exporting() -> bool:
+    """ONNX/torch.export use the reference path: it is made of standard ops every exporter knows."""
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
+class DCNv3Core(nn.Module):
+    """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels` needs no `__init__`, all arguments)."""
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: int,
+    ) -> torch.Tensor:
+        return dcnv3_core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                          dilation_w, group, group_channels, offset_scale, remove_center)
