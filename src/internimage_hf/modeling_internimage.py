@@ -1,0 +1,510 @@
+"""InternImage in PyTorch, structured like transformers' own vision models (ConvNeXt, Swin).
+
+Inside every level tensors are channels-last (N, H, W, C), as in the official code; public outputs
+(hidden states, feature maps) are channels-first (N, C, H, W) like every transformers vision model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+
+try:  # transformers >= 5.5
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # pragma: no cover
+    from transformers.utils.backbone_utils import BackboneMixin
+
+from .configuration_internimage import InternImageConfig
+from .ops import DCNv3Core
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (the residual branch is dropped for a random subset of the batch)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class InternImageDropPath(nn.Module):
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.rate, self.training)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+class InternImageConvNorm(nn.Module):
+    """Conv2d on a channels-first input followed by a channels-last LayerNorm (output channels-last)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool, eps: float,
+                 groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
+                              groups=groups, bias=bias)
+        self.norm = nn.LayerNorm(out_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(to_channels_last(self.conv(x)))
+
+
+class InternImageEmbeddings(nn.Module):
+    """Stem: two stride-2 3x3 convolutions (3 -> C/2 -> C) with LayerNorm and GELU; output (N, H/4, W/4, C)."""
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__()
+        channels = config.channels
+        self.num_channels = config.num_channels
+        self.conv1 = nn.Conv2d(config.num_channels, channels // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(channels // 2, eps=config.layer_norm_eps)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # GELU runs on the channels-first view, as in the official stem: vectorised GELU rounds differently
+        # depending on memory layout, and this keeps float32 results bit-identical to the official model.
+        x = self.act(to_channels_first(self.norm1(to_channels_last(self.conv1(pixel_values)))))
+        return self.norm2(to_channels_last(self.conv2(x)))
+
+
+class InternImageDepthwiseConv(InternImageConvNorm):
+    """Depthwise conv + LayerNorm + GELU that produces the features DCNv3 predicts offsets and masks from."""
+
+    def __init__(self, channels: int, kernel_size: int, eps: float):
+        super().__init__(channels, channels, kernel_size, stride=1, bias=True, eps=eps, groups=channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # channels-last in and out
+        return self.act(super().forward(to_channels_first(x)))
+
+
+class InternImageDCNv3(nn.Module):
+    """DCNv3 layer: input projection, offset/mask prediction, deformable sampling (`DCNv3Core`), output projection."""
+
+    def __init__(self, config: InternImageConfig, channels: int, groups: int):
+        super().__init__()
+        self.channels = channels
+        self.groups = groups
+        self.group_channels = channels // groups
+        self.kernel_size = config.kernel_size
+        self.offset_scale = config.offset_scale
+        self.remove_center = int(config.remove_center)
+        self.points = self.kernel_size**2 - self.remove_center
+
+        self.dw_conv = InternImageDepthwiseConv(channels, config.dw_kernel_size, config.layer_norm_eps)
+        self.offset = nn.Linear(channels, groups * self.points * 2)
+        self.mask = nn.Linear(channels, groups * self.points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        self.core = DCNv3Core()
+        # Gate between the deformable output and the plain projection (InternImage-H/G), one value per group.
+        self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        n, h, w, _ = hidden_states.shape
+        x = self.input_proj(hidden_states)
+        features = self.dw_conv(hidden_states)
+        offset = self.offset(features)
+        mask = self.mask(features).view(n, h, w, self.groups, self.points).softmax(-1).view(n, h, w, -1)
+        pad = (self.kernel_size - 1) // 2
+        out = self.core(x, offset, mask.to(x.dtype), self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
+                        self.groups, self.group_channels, self.offset_scale, self.remove_center)
+        if self.center_feature_scale_proj is not None:
+            scale = torch.sigmoid(self.center_feature_scale_proj(features))
+            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            out = out * (1 - scale) + x * scale
+        return self.output_proj(out)
+
+
+class InternImageMLP(nn.Module):
+    def __init__(self, config: InternImageConfig, channels: int):
+        super().__init__()
+        hidden = int(channels * config.mlp_ratio)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, channels)
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class InternImageLayer(GradientCheckpointingLayer):
+    """One block: DCNv3 branch and MLP branch, each residual, in the variant's normalisation arrangement (SPEC §2)."""
+
+    def __init__(self, config: InternImageConfig, channels: int, groups: int, drop_path_rate: float):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.post_norm = config.post_norm
+        self.norm1 = nn.LayerNorm(channels, eps=eps)
+        self.dcn = InternImageDCNv3(config, channels, groups)
+        self.norm2 = nn.LayerNorm(channels, eps=eps)
+        self.mlp = InternImageMLP(config, channels)
+        self.drop_path = InternImageDropPath(drop_path_rate)
+        self.layer_scale1 = self.layer_scale2 = None
+        self.res_post_norm1 = self.res_post_norm2 = None
+        if config.layer_scale is not None:
+            self.layer_scale1 = nn.Parameter(torch.full((channels,), config.layer_scale))
+            self.layer_scale2 = nn.Parameter(torch.full((channels,), config.layer_scale))
+        if config.res_post_norm:  # the official model builds them even where layer scale or post-norm win
+            self.res_post_norm1 = nn.LayerNorm(channels, eps=eps)
+            self.res_post_norm2 = nn.LayerNorm(channels, eps=eps)
+        self.use_res_post_norm = config.res_post_norm and config.layer_scale is None and not config.post_norm
+
+    def _branch(self, x: torch.Tensor, fn: nn.Module, norm: nn.Module, res_norm, scale) -> torch.Tensor:
+        if self.post_norm:
+            y = norm(fn(x))
+        else:
+            y = fn(norm(x))
+            if self.use_res_post_norm:
+                y = res_norm(y)
+        if scale is not None:
+            y = scale * y
+        return x + self.drop_path(y)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self._branch(hidden_states, self.dcn, self.norm1, self.res_post_norm1, self.layer_scale1)
+        return self._branch(x, self.mlp, self.norm2, self.res_post_norm2, self.layer_scale2)
+
+
+class InternImageLevel(nn.Module):
+    """A level: its layers, optional post-norms (level 2 of H/G) and level norm; downsampling is separate."""
+
+    def __init__(self, config: InternImageConfig, index: int, drop_path_rates: list[float]):
+        super().__init__()
+        channels = config.hidden_sizes[index]
+        eps = config.layer_norm_eps
+        self.layers = nn.ModuleList(
+            InternImageLayer(config, channels, config.groups[index], rate) for rate in drop_path_rates
+        )
+        self.post_norm_ids: list[int] = []
+        self.post_norms = None
+        if index == 2 and config.level2_post_norm:
+            self.post_norm_ids = list(config.level2_post_norm_block_ids)
+            self.post_norms = nn.ModuleList(nn.LayerNorm(channels, eps=eps) for _ in self.post_norm_ids)
+        self.norm = nn.LayerNorm(channels, eps=eps) if config.level_norm else None
+        self.downsample = None
+        if index < config.num_stages - 1:
+            self.downsample = InternImageConvNorm(channels, 2 * channels, 3, stride=2, bias=False, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (level output before downsampling, input of the next level), both channels-last."""
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if self.post_norms is not None and i in self.post_norm_ids:
+                hidden_states = self.post_norms[self.post_norm_ids.index(i)](hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        if self.downsample is None:
+            return hidden_states, hidden_states
+        return hidden_states, self.downsample(to_channels_first(hidden_states))
+
+
+class InternImageEncoder(nn.Module):
+    def __init__(self, config: InternImageConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        self.levels = nn.ModuleList()
+        start = 0
+        for index, depth in enumerate(config.depths):
+            self.levels.append(InternImageLevel(config, index, rates[start : start + depth]))
+            start += depth
+
+    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level outputs before downsampling, channels-last."""
+        outputs = []
+        for level in self.levels:
+            level_output, hidden_states = level(hidden_states)
+            outputs.append(level_output)
+        return outputs
+
+
+class InternImageConvPooler(nn.Module):
+    """T-XL head trunk: 1x1 conv to 1.5 x 8C, BatchNorm, GELU, global average pool."""
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__()
+        channels = config.hidden_sizes[-1]
+        self.conv = nn.Conv2d(channels, config.pooled_size, 1, bias=False)
+        self.norm = nn.BatchNorm2d(config.pooled_size)
+        self.act = nn.GELU()
+
+    def forward(self, level_outputs: list[torch.Tensor]) -> torch.Tensor:
+        x = self.act(self.norm(self.conv(to_channels_first(level_outputs[-1]))))
+        return x.mean(dim=(-2, -1))
+
+
+class InternImageAttentionPool(nn.Module):
+    """Attention pooling (official "clip projector"): the mean token queries all tokens."""
+
+    def __init__(self, dim: int, out_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.norm_q = nn.LayerNorm(dim, eps=eps)
+        self.norm_k = nn.LayerNorm(dim, eps=eps)
+        self.norm_v = nn.LayerNorm(dim, eps=eps)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.k_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        heads = self.num_heads
+        q = F.linear(self.norm_q(tokens.mean(1, keepdim=True)), self.q.weight, self.q_bias)
+        k = F.linear(self.norm_k(tokens), self.k.weight, self.k_bias)
+        v = F.linear(self.norm_v(tokens), self.v.weight, self.v_bias)
+        q = q.view(batch, 1, heads, -1).transpose(1, 2) * self.scale
+        k = k.view(batch, length, heads, -1).transpose(1, 2)
+        v = v.view(batch, length, heads, -1).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(batch, dim)
+        return self.proj(out)
+
+
+class InternImageAttentionPooler(nn.Module):
+    """H/G head trunk: fuse stage 4 (1x1 conv + pixel shuffle) with stage 3, attention-pool, LayerNorm."""
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__()
+        dim = config.projector_dim
+        self.stage4_proj = nn.Conv2d(config.hidden_sizes[-1], dim * 4, 1)
+        self.upsample = nn.PixelShuffle(2)
+        self.stage3_proj = nn.Conv2d(config.hidden_sizes[-2], dim, 1)
+        self.attention = InternImageAttentionPool(dim, config.projector_out_dim, config.projector_num_heads,
+                                                  config.layer_norm_eps)
+        self.norm = nn.LayerNorm(config.projector_out_dim, eps=config.layer_norm_eps)
+
+    def forward(self, level_outputs: list[torch.Tensor]) -> torch.Tensor:
+        stage4 = self.upsample(self.stage4_proj(to_channels_first(level_outputs[-1])))
+        stage3 = self.stage3_proj(to_channels_first(level_outputs[-2]))
+        if stage4.shape[-2:] != stage3.shape[-2:]:
+            raise ValueError(
+                f"InternImage-H/G need stage 3 to be exactly twice stage 4 (input sides that are multiples of 32); "
+                f"got stage 3 {tuple(stage3.shape[-2:])} and stage 4 x2 {tuple(stage4.shape[-2:])}"
+            )
+        tokens = (stage4 + stage3).flatten(2).transpose(1, 2)
+        return self.norm(self.attention(tokens))
+
+
+class InternImagePreTrainedModel(PreTrainedModel):
+    config_class = InternImageConfig
+    base_model_prefix = "internimage"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternImageLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Official init: trunc-normal Linear, xavier DCNv3 projections, zero offset/mask/gate, layer scale."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's default, which the official code keeps for its convolutions.
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        if isinstance(module, InternImageDCNv3):
+            # Every point starts on the regular grid with weight 1/P; projections are xavier (official reset).
+            for linear in (module.offset, module.mask):
+                init.zeros_(linear.weight)
+                init.zeros_(linear.bias)
+            for linear in (module.input_proj, module.output_proj):
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
+            if module.center_feature_scale_proj is not None:
+                init.zeros_(module.center_feature_scale_proj.weight)
+                init.zeros_(module.center_feature_scale_proj.bias)
+        elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
+            init.constant_(module.layer_scale1, self.config.layer_scale)
+            init.constant_(module.layer_scale2, self.config.layer_scale)
+        elif isinstance(module, InternImageAttentionPool):
+            for bias in (module.q_bias, module.k_bias, module.v_bias):
+                init.zeros_(bias)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
+        """Turn the mistakes users make into one readable sentence instead of a shape error deep inside."""
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        if not torch.is_tensor(pixel_values):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.config.num_channels}, height, width); got a "
+                f"{pixel_values.dim()}-d tensor of shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != self.config.num_channels:
+            hint = " (channels-last input? permute it to (N, C, H, W))" if pixel_values.shape[-1] == \
+                self.config.num_channels else ""
+            raise ValueError(
+                f"pixel_values must have {self.config.num_channels} channels in dimension 1; got shape "
+                f"{tuple(pixel_values.shape)}{hint}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+        height, width = pixel_values.shape[-2:]
+        if height < 32 or width < 32:
+            raise ValueError(f"InternImage needs images of at least 32x32 pixels (its output stride); got "
+                             f"{height}x{width}")
+
+
+def _channels_first(level_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [to_channels_first(x) for x in level_outputs]
+
+
+class InternImageModel(InternImagePreTrainedModel):
+    """Trunk plus the variant's pooling head: `pooler_output` is the embedding the classifier reads."""
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__(config)
+        self.embeddings = InternImageEmbeddings(config)
+        self.encoder = InternImageEncoder(config)
+        self.pooler = InternImageAttentionPooler(config) if config.use_clip_projector else InternImageConvPooler(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        self._check_pixel_values(pixel_values)
+        if self.config.use_clip_projector:
+            height, width = pixel_values.shape[-2:]
+            if height % 32 or width % 32:
+                raise ValueError(
+                    f"InternImage-H/G classify images whose sides are multiples of 32; got {height}x{width}. "
+                    f"Resize or crop (e.g. to {self.config.image_size}x{self.config.image_size})."
+                )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embedding_output = self.embeddings(pixel_values)
+        level_outputs = self.encoder(embedding_output)
+        pooled = self.pooler(level_outputs)
+        last_hidden_state = to_channels_first(level_outputs[-1])
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple([to_channels_first(embedding_output)] + _channels_first(level_outputs))
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+        )
+
+
+class InternImageForImageClassification(InternImagePreTrainedModel):
+    """InternImage with a linear classifier on the pooled embedding (official `head`)."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.internimage = InternImageModel(config)
+        self.classifier = (
+            nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.internimage(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
+    """Multi-scale features for detection/segmentation necks: each level's output before downsampling, NCHW."""
+
+    has_attentions = False
+
+    def __init__(self, config: InternImageConfig):
+        super().__init__(config)
+        self.embeddings = InternImageEmbeddings(config)
+        self.encoder = InternImageEncoder(config)
+        self.num_features = [config.channels] + config.hidden_sizes
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        self._check_pixel_values(pixel_values)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embedding_output = self.embeddings(pixel_values)
+        level_outputs = self.encoder(embedding_output)
+        stages = [to_channels_first(embedding_output)] + _channels_first(level_outputs)
+        feature_maps = tuple(x for name, x in zip(self.stage_names, stages) if name in self.out_features)
+        hidden_states = tuple(stages) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+
+
+__all__ = [
+    "InternImageBackbone",
+    "InternImageForImageClassification",
+    "InternImageModel",
+    "InternImagePreTrainedModel",
+]
