@@ -263,3 +263,67 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, variant: s
         raise ConversionError(f"{source}: pass --variant NAME or --official-config FILE to say which model it is")
     model = model_from_official(state_dict, config)
     return save_atomically(model, output_dir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------- OpenGVLab repos
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+class OfficialRepo:
+    """An OpenGVLab remote-code repo (local folder or Hub id) that `from_pretrained` loads natively."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @staticmethod
+    def _is_official_config(config: dict) -> bool:
+        auto_map = config.get("auto_map") or {}
+        return "num_classes" in config or any("modeling_internimage" in str(v) for v in auto_map.values())
+
+    @classmethod
+    def detect(cls, name_or_path, kwargs: dict) -> "OfficialRepo | None":
+        """The repo if `name_or_path` holds an OpenGVLab-format config, else None (cheap: reads config.json only)."""
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+        local = Path(str(name_or_path)) / hub.get("subfolder", "")
+        if local.is_dir():
+            config_path = local / "config.json"
+            folder = local
+        else:
+            from transformers.utils import cached_file
+
+            try:
+                config_path = cached_file(str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False,
+                                          **hub)
+            except Exception:
+                return None  # let transformers produce its usual error
+            folder = None
+        if config_path is None or not Path(config_path).is_file():
+            return None
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not cls._is_official_config(config):
+            return None
+        if folder is None:
+            from huggingface_hub import snapshot_download
+
+            download = {k: v for k, v in hub.items() if k in ("cache_dir", "force_download", "local_files_only",
+                                                              "token", "revision")}
+            patterns = ["*.json", "*.safetensors", "*.bin"]
+            if hub.get("subfolder"):
+                patterns = [f"{hub['subfolder']}/{p}" for p in patterns]
+            folder = Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **download))
+            folder = folder / hub.get("subfolder", "")
+        return cls(folder)
+
+    def config(self, config_class, kwargs: dict):
+        """(config, remaining kwargs): a passed `config` wins; otherwise read it and apply config overrides."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k != "trust_remote_code"}
+        config = kwargs.pop("config", None)
+        if config is None:
+            config, kwargs = config_class.from_pretrained(self.folder, return_unused_kwargs=True, **kwargs)
+        return config, kwargs
+
+    def state_dict(self) -> dict:
+        return convert_official_state_dict(load_weights_folder(self.folder))
