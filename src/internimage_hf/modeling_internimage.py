@@ -122,6 +122,12 @@ class InternImageDCNv3(nn.Module):
         self.core = DCNv3Core()
         # Gate between the deformable output and the plain projection (InternImage-H/G), one value per group.
         self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
+        # Official init, read by `_init_weights` whatever order it visits modules in: every point starts on the
+        # regular grid with weight 1/P, the gate at 0.5, and the projections are xavier-uniform.
+        for linear in (self.offset, self.mask, self.center_feature_scale_proj):
+            if linear is not None:
+                linear._internimage_init = "zeros"
+        self.input_proj._internimage_init = self.output_proj._internimage_init = "xavier"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         n, h, w, _ = hidden_states.shape
@@ -327,7 +333,13 @@ class InternImagePreTrainedModel(PreTrainedModel):
         """Official init: trunc-normal Linear, xavier DCNv3 projections, zero offset/mask/gate, layer scale."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
+            rule = getattr(module, "_internimage_init", None)
+            if rule == "zeros":
+                init.zeros_(module.weight)
+            elif rule == "xavier":
+                init.xavier_uniform_(module.weight)
+            else:
+                init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
@@ -343,17 +355,6 @@ class InternImagePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        if isinstance(module, InternImageDCNv3):
-            # Every point starts on the regular grid with weight 1/P; projections are xavier (official reset).
-            for linear in (module.offset, module.mask):
-                init.zeros_(linear.weight)
-                init.zeros_(linear.bias)
-            for linear in (module.input_proj, module.output_proj):
-                init.xavier_uniform_(linear.weight)
-                init.zeros_(linear.bias)
-            if module.center_feature_scale_proj is not None:
-                init.zeros_(module.center_feature_scale_proj.weight)
-                init.zeros_(module.center_feature_scale_proj.bias)
         elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
             init.constant_(module.layer_scale1, self.config.layer_scale)
             init.constant_(module.layer_scale2, self.config.layer_scale)

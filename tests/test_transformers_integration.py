@@ -1,0 +1,190 @@
+"""Behaves like a model that ships inside transformers: Auto classes, pipeline, heads, dtypes, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    pipeline,
+)
+
+import internimage_hf
+from internimage_hf import (
+    InternImageBackbone,
+    InternImageConfig,
+    InternImageForImageClassification,
+    InternImageModel,
+)
+
+from .conftest import rel_err
+
+LABELS = {0: "cat", 1: "dog", 2: "owl"}
+
+
+def tiny_config(**overrides) -> InternImageConfig:
+    fields = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=3, id2label=LABELS,
+                  label2id={v: k for k, v in LABELS.items()}, image_size=64)
+    fields.update(overrides)
+    return InternImageConfig(**fields)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (offset/mask projections included) so sampling is really deformable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    model.save_pretrained(folder)
+    internimage_hf.make_image_processor(64).save_pretrained(folder)
+    return folder, model
+
+
+def pixels(n=2, h=64, w=64, seed=1):
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_round_trip_through_every_auto_class(saved_model):
+    folder, model = saved_model
+    x = pixels()
+    with torch.no_grad():
+        expected = model(x, output_hidden_states=True)
+    config = AutoConfig.from_pretrained(folder)
+    assert isinstance(config, InternImageConfig)
+    classifier = AutoModelForImageClassification.from_pretrained(folder).eval()
+    base = AutoModel.from_pretrained(folder).eval()
+    backbone = InternImageBackbone.from_pretrained(folder, out_features=["stage1", "stage2", "stage3", "stage4"])
+    assert isinstance(classifier, InternImageForImageClassification) and isinstance(base, InternImageModel)
+    backbone_from_config = AutoBackbone.from_config(config)
+    assert isinstance(backbone_from_config, InternImageBackbone)
+    with torch.no_grad():
+        assert torch.equal(classifier(x).logits, expected.logits)
+        out = base(x, output_hidden_states=True)
+        assert torch.equal(out.pooler_output, model.internimage(x).pooler_output)
+        assert len(out.hidden_states) == 5 and out.last_hidden_state.shape == (2, 128, 2, 2)
+        maps = backbone.eval()(x).feature_maps
+    for fmap, hidden in zip(maps, expected.hidden_states[1:]):
+        assert torch.equal(fmap, hidden)
+    assert backbone.channels == [16, 32, 64, 128]
+
+
+def test_pipeline_returns_label_names(saved_model):
+    folder, _ = saved_model
+    assert type(AutoImageProcessor.from_pretrained(folder)).__name__.startswith("BitImageProcessor")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    classify = pipeline("image-classification", model=str(folder))
+    result = classify(image, top_k=3)
+    assert {r["label"] for r in result} == set(LABELS.values())
+    assert abs(sum(r["score"] for r in result) - 1) < 1e-5
+
+
+def test_head_swap_for_fine_tuning(saved_model):
+    folder, model = saved_model
+    swapped = AutoModelForImageClassification.from_pretrained(folder, num_labels=5, ignore_mismatched_sizes=True)
+    assert swapped.classifier.out_features == 5
+    assert torch.equal(swapped.internimage.embeddings.conv1.weight, model.internimage.embeddings.conv1.weight)
+
+
+@pytest.mark.parametrize("problem, labels", [
+    ("single_label_classification", torch.tensor([0, 2])),
+    ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+])
+def test_losses(problem, labels):
+    model = InternImageForImageClassification(tiny_config(problem_type=problem))
+    out = model(pixels(), labels=labels)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_regression_loss():
+    model = InternImageForImageClassification(tiny_config(num_labels=1, id2label=None, label2id=None))
+    out = model(pixels(), labels=torch.tensor([0.5, -1.0]))
+    assert out.loss.ndim == 0 and model.config.problem_type == "regression"
+
+
+def test_tuple_outputs():
+    model = InternImageForImageClassification(tiny_config()).eval()
+    logits, hidden = model(pixels(), output_hidden_states=True, return_dict=False)
+    assert logits.shape == (2, 3) and len(hidden) == 5
+
+
+def test_official_initialisation():
+    model = InternImageForImageClassification(tiny_config(layer_scale=1e-5, post_norm=True))
+    for layer in model.internimage.encoder.levels[0].layers:
+        assert torch.count_nonzero(layer.dcn.offset.weight) == 0 and torch.count_nonzero(layer.dcn.mask.bias) == 0
+        assert torch.allclose(layer.layer_scale1, torch.full_like(layer.layer_scale1, 1e-5))
+        assert layer.dcn.input_proj.weight.std() > 0
+
+
+@pytest.mark.parametrize("variant_overrides", [{}, dict(use_clip_projector=True, center_feature_scale=True,
+                                                        dw_kernel_size=5, res_post_norm=True,
+                                                        level2_post_norm=True, level2_post_norm_block_ids=[1])])
+def test_bfloat16_model_runs_and_matches(variant_overrides):
+    model = randomise(InternImageForImageClassification(tiny_config(**variant_overrides))).eval()
+    x = pixels()
+    with torch.no_grad():
+        ref = model(x).logits
+        low = copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).logits
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, ref) < 5e-2
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    model = randomise(InternImageForImageClassification(tiny_config(drop_path_rate=0.0)))
+    model.train()
+    x, labels = pixels(), torch.tensor([0, 1])
+    # BatchNorm in train mode updates running stats; compare on identical copies.
+    plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
+    # transformers 5.23 renamed gradient -> activation checkpointing; older 5.x only has the old name.
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable()
+    assert all(layer.gradient_checkpointing for layer in checkpointed.modules()
+               if isinstance(layer, internimage_hf.modeling_internimage.InternImageLayer))
+    plain(x, labels=labels).loss.backward()
+    checkpointed(x, labels=labels).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.randn(3, 64, 64), "shape \\(batch, 3, height, width\\)"),
+    (torch.randn(1, 1, 64, 64), "3 channels"),
+    (torch.randn(1, 64, 64, 3), "channels-last"),
+    (torch.randn(1, 3, 16, 16), "at least 32x32"),
+    (torch.randint(0, 255, (1, 3, 64, 64)), "floating-point"),
+])
+def test_bad_pixel_values(x, message):
+    model = InternImageForImageClassification(tiny_config())
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_h_g_inputs_must_be_multiples_of_32():
+    model = InternImageForImageClassification(tiny_config(use_clip_projector=True)).eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 80, 64))
+    assert model(torch.randn(1, 3, 96, 64)).logits.shape == (1, 3)
+    # the backbone has no such constraint
+    backbone = InternImageBackbone(tiny_config(use_clip_projector=True))
+    assert backbone(torch.randn(1, 3, 80, 72)).feature_maps[-1].shape[-2:] == (3, 3)
+
+
+def test_odd_input_sizes_work_for_conv_head_variants():
+    model = InternImageForImageClassification(tiny_config()).eval()
+    assert model(torch.randn(1, 3, 97, 45)).logits.shape == (1, 3)
