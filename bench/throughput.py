@@ -1,0 +1,317 @@
+"""Throughput and peak memory of InternImage (each DCNv3 backend) beside ConvNeXt, Swin and (with timm) MViTv2.
+
+All models run in one process with the same batch, resolution, dtype, threads, warm-up and repeat policy, and the
+timed repeats are interleaved (model A, B, C, A, B, C, ...) so machine drift hits every model alike. Ratios are to
+ConvNeXt-T measured in the same run.
+
+    python bench/throughput.py --quick                      # a few minutes on a 2-core CPU
+    python bench/throughput.py --models internimage-t convnext-t swin-t --batch 1 8 --dtype float32 bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# ImageNet-1k top-1 of the official weights at 224² (papers / model cards), for the accuracy-vs-speed plot.
+TOP1 = {"internimage-t": 83.5, "internimage-s": 84.2, "internimage-b": 84.9, "convnext-t": 82.1, "convnext-s": 83.1,
+        "convnext-b": 83.8, "swin-t": 81.3, "swin-s": 83.0, "swin-b": 83.5, "mvitv2-t": 82.3, "mvitv2-s": 83.6}
+
+
+def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
+    """Randomly initialised classifier (no download). `tiny` shrinks every family for smoke tests."""
+    family, size = name.rsplit("-", 1)
+    if family == "internimage":
+        import internimage_hf
+
+        if tiny:
+            config = internimage_hf.InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8],
+                                                      num_labels=1000)
+        else:
+            config = internimage_hf.InternImageConfig.from_variant(size, num_labels=1000)
+        return internimage_hf.InternImageForImageClassification(config)
+    if family == "convnext":
+        from transformers import ConvNextConfig, ConvNextForImageClassification
+
+        depths = {"t": [3, 3, 9, 3], "s": [3, 3, 27, 3], "b": [3, 3, 27, 3]}[size]
+        dims = {"t": [96, 192, 384, 768], "s": [96, 192, 384, 768], "b": [128, 256, 512, 1024]}[size]
+        if tiny:
+            depths, dims = [1, 1, 1, 1], [16, 32, 64, 128]
+        return ConvNextForImageClassification(ConvNextConfig(depths=depths, hidden_sizes=dims, num_labels=1000))
+    if family == "swin":
+        from transformers import SwinConfig, SwinForImageClassification
+
+        embed, window = {"t": 96, "s": 96, "b": 128}[size], 7
+        depths = {"t": [2, 2, 6, 2], "s": [2, 2, 18, 2], "b": [2, 2, 18, 2]}[size]
+        heads = {"t": [3, 6, 12, 24], "s": [3, 6, 12, 24], "b": [4, 8, 16, 32]}[size]
+        if tiny:
+            embed, depths, heads, window = 16, [1, 1, 1, 1], [1, 2, 4, 8], 2
+        return SwinForImageClassification(SwinConfig(embed_dim=embed, depths=depths, num_heads=heads,
+                                                     window_size=window, num_labels=1000))
+    if family == "mvitv2":
+        import timm  # optional: only when installed
+
+        return timm.create_model({"t": "mvitv2_tiny", "s": "mvitv2_small"}[size], pretrained=False)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def logits_of(output):
+    return output.logits if hasattr(output, "logits") else output
+
+
+@dataclass
+class Case:
+    model: str
+    impl: str
+    mode: str
+    batch: int
+    dtype: str
+    module: torch.nn.Module
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    optimizer: torch.optim.Optimizer | None = None
+    times: list[float] = field(default_factory=list)
+    peak_mem_mb: float | None = None
+    error: str | None = None
+
+    def context(self):
+        """Backend selection for InternImage; bf16 runs use CPU/GPU autocast."""
+        stack = contextlib.ExitStack()
+        if self.impl in ("reference", "compiled"):
+            stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND=self.impl))
+        if self.dtype in ("bfloat16", "float16"):
+            stack.enter_context(torch.autocast(self.inputs.device.type, dtype=getattr(torch, self.dtype)))
+        return stack
+
+    def step(self):
+        with self.context():
+            if self.mode == "inference":
+                with torch.inference_mode():
+                    logits_of(self.module(self.inputs))
+            else:
+                loss = torch.nn.functional.cross_entropy(logits_of(self.module(self.inputs)).float(), self.labels)
+                loss.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(case: Case, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        case.step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    begin = time.perf_counter()
+    case.step()
+    return time.perf_counter() - begin
+
+
+def measure_peak_memory(case: Case, device: torch.device) -> float | None:
+    """Peak memory of one step: the CUDA allocator's peak, or on CPU the profiler's allocation high-water mark."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        case.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.step()
+    current = peak = 0  # replay each op's own allocations minus frees, in time order: live bytes over time
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None,
+                   help="default: internimage-t/s/b, convnext-t/s/b, swin-t/s/b (+ mvitv2-t/s if timm is installed)")
+    p.add_argument("--impls", nargs="+", default=["compiled", "reference"],
+                   help="DCNv3 backends to run InternImage with")
+    p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--train-batch", type=int, default=None, help="batch for training steps (default: largest --batch)")
+    p.add_argument("--dtype", nargs="+", default=None, help="default: float32 bfloat16 (CPU); + float16 on CUDA")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="T models only, batch 1 and 8, float32, fewer repeats")
+    p.add_argument("--tiny", action="store_true", help="tiny configurations (keeps the script working in tests)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--json", default="bench/results/throughput.json")
+    p.add_argument("--plot", default=None, help="write a throughput-vs-top-1 PNG here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or ["internimage-t", "convnext-t", "swin-t"]
+        args.dtype = args.dtype or ["float32"]
+        args.repeats = min(args.repeats, 3)
+        args.warmup = min(args.warmup, 1)
+    if args.models is None:
+        args.models = [f"{f}-{s}" for f in ("internimage", "convnext", "swin") for s in "tsb"]
+        try:
+            import timm  # noqa: F401
+
+            args.models += ["mvitv2-t", "mvitv2-s"]
+        except ImportError:
+            pass
+    if args.dtype is None:
+        args.dtype = ["float32", "bfloat16"] + (["float16"] if args.device.startswith("cuda") else [])
+    return args
+
+
+def build_cases(args, device) -> list[Case]:
+    cases = []
+    train_batch = args.train_batch or max(args.batch)
+    for name in args.models:
+        impls = args.impls if name.startswith("internimage") else ["-"]
+        for impl in impls:
+            for mode in args.modes:
+                batches = args.batch if mode == "inference" else [train_batch]
+                for batch in batches:
+                    for dtype in args.dtype:
+                        module = build_model(name, tiny=args.tiny).to(device)
+                        module.train(mode == "train")
+                        g = torch.Generator().manual_seed(0)
+                        inputs = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
+                        labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+                        opt = torch.optim.AdamW(module.parameters(), lr=1e-5) if mode == "train" else None
+                        cases.append(Case(name, impl, mode, batch, dtype, module, inputs, labels, opt))
+    return cases
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = build_cases(args, device)
+    for case in cases:  # warm-up (and kernel loading / autotuning) outside the timed loop
+        try:
+            for _ in range(args.warmup):
+                case.step()
+            sync(device)
+        except Exception as error:  # a model that cannot run here is reported, not fatal
+            case.error = f"{type(error).__name__}: {error}"
+    live = [c for c in cases if c.error is None]
+    for _ in range(args.repeats):  # interleaved
+        for case in live:
+            case.times.append(timed(case, device))
+    if not args.no_memory:
+        for case in live:
+            case.peak_mem_mb = measure_peak_memory(case, device)
+    rows = []
+    for case in cases:
+        median = statistics.median(case.times) if case.times else None
+        rows.append({"model": case.model, "impl": case.impl, "mode": case.mode, "batch": case.batch,
+                     "dtype": case.dtype, "img_per_s": (case.batch / median) if median else None,
+                     "peak_mem_mb": case.peak_mem_mb, "error": case.error})
+    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "size": args.size, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
+            "python": platform.python_version(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / 1024, "rows": rows}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    base = {(r["mode"], r["batch"], r["dtype"]): r["img_per_s"] for r in rows
+            if r["model"] == "convnext-t" and r["img_per_s"]}
+    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads, "
+             f"{result['size']}², median of {result['repeats']} interleaved repeats, {result['date']}", "",
+             "| model | DCNv3 | mode | batch | dtype | img/s | × ConvNeXt-T | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
+                         f"error: {r['error'][:60]} | | |")
+            continue
+        ref = base.get((r["mode"], r["batch"], r["dtype"]))
+        ratio = f"{r['img_per_s'] / ref:.2f}" if ref else "–"
+        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "–"
+        lines.append(f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
+                     f"{r['img_per_s']:.2f} | {ratio} | {mem} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = {}
+    for r in result["rows"]:
+        if r["mode"] == "inference" and r["dtype"] == "float32" and r["img_per_s"] and r["model"] in TOP1:
+            key = (r["model"], r["batch"])
+            best[key] = max(best.get(key, 0), r["img_per_s"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family, marker in (("internimage", "o"), ("convnext", "s"), ("swin", "^"), ("mvitv2", "D")):
+        pts = sorted((v, TOP1[m]) for (m, b), v in best.items() if m.startswith(family) and b == max(
+            b2 for (m2, b2) in best if m2 == m))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
+    ax.set_xlabel("images / s (inference, float32, largest batch)")
+    ax.set_ylabel("ImageNet-1k top-1 (%)")
+    ax.set_title(result["device"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(markdown(result))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
+    return 1 if all(r["error"] for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
