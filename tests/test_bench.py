@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 from .conftest import REPO
 
@@ -11,6 +12,7 @@ from .conftest import REPO
 def load_bench():
     spec = importlib.util.spec_from_file_location("throughput", REPO / "bench" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
