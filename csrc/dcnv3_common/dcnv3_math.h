@@ -1,0 +1,209 @@
+// Per-sample DCNv3 math, shared by the CPU and the CUDA kernels.
+//
+// Everything that decides *what* is computed lives here, once: the x-major kernel point order (with the optional
+// removed centre), the fixed part of each sampling location (reference point + kernel grid * offset_scale, formed in
+// float32 normalised coordinates exactly like the official PyTorch reference that produced the parity fixtures), the
+// learned offset on top of it (offset * offset_scale), grid_sample's align_corners=False convention on the padded
+// image, and the bilinear weights and their derivatives with out-of-image corners reading zero. The kernels only
+// decide *how* it is scheduled (CPU: vector loops over a group's channels; CUDA: a thread group per (pixel, group)).
+//
+// Plain C++ (no torch headers), usable from host code and from CUDA device code.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DCNV3_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define DCNV3_HD inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define DCNV3_HD __forceinline
+#else
+#define DCNV3_HD inline
+#endif
+
+namespace internimage_dcnv3 {
+
+// ---------------------------------------------------------------------------------------------------------------
+// float32 arithmetic that must round after every operation (no fused multiply-add), so that the fixed part of the
+// sampling location is bit-identical to the float32 tensor arithmetic of the reference on every backend.
+// ---------------------------------------------------------------------------------------------------------------
+DCNV3_HD float f32_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  volatile float product = a * b;  // a volatile store keeps the compiler from contracting it into a later add
+  return product;
+#endif
+}
+
+DCNV3_HD float f32_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+DCNV3_HD float f32_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+#if defined(__CUDA_ARCH__)
+DCNV3_HD float floor_t(float x) { return floorf(x); }
+DCNV3_HD double floor_t(double x) { return floor(x); }
+DCNV3_HD float fma_t(float a, float b, float c) { return fmaf(a, b, c); }
+DCNV3_HD double fma_t(double a, double b, double c) { return fma(a, b, c); }
+#else
+DCNV3_HD float floor_t(float x) { return std::floor(x); }
+DCNV3_HD double floor_t(double x) { return std::floor(x); }
+DCNV3_HD float fma_t(float a, float b, float c) { return std::fma(a, b, c); }
+DCNV3_HD double fma_t(double a, double b, double c) { return std::fma(a, b, c); }
+#endif
+
+// Output length of one spatial axis, as in a convolution.
+DCNV3_HD int64_t output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  return (size + 2 * pad - (dilation * (kernel - 1) + 1)) / stride + 1;
+}
+
+// Number of sampling points of one group.
+DCNV3_HD int num_points(int kernel_h, int kernel_w, bool remove_center) {
+  return kernel_h * kernel_w - (remove_center ? 1 : 0);
+}
+
+// Kernel point p -> (tap_x, tap_y). x-major: p = tap_x * kernel_h + tap_y (tap_x over the width is the outer loop);
+// with remove_center the centre tap (kernel_w / 2, kernel_h / 2) is skipped and later points shift down by one.
+DCNV3_HD void point_taps(int p, int kernel_h, int kernel_w, bool remove_center, int& tap_x, int& tap_y) {
+  int q = p;
+  if (remove_center && q >= (kernel_w / 2) * kernel_h + kernel_h / 2) ++q;
+  tap_x = q / kernel_h;
+  tap_y = q - tap_x * kernel_h;
+}
+
+// Fixed part of a sampling location along one axis, normalised by the padded size:
+//   ref  = f32(f32(o * stride + (dilation * (kernel - 1)) // 2 + 0.5) / padded)
+//   grid = f32(f32(tap * dilation - (dilation * (kernel - 1)) // 2) / padded)
+//   base = f32(ref + f32(grid * f32(offset_scale)))
+// i.e. the official reference's float32 reference points plus its float32 kernel grid times offset_scale.
+DCNV3_HD float sampling_base(int64_t o, int tap, int kernel, int stride, int dilation, int64_t padded_size,
+                             float offset_scale) {
+  const int half = (dilation * (kernel - 1)) / 2;
+  const float size = static_cast<float>(padded_size);
+  const float ref =
+      f32_div(f32_add(f32_mul(static_cast<float>(o), static_cast<float>(stride)), static_cast<float>(half) + 0.5f),
+              size);
+  const float grid = f32_div(
+      f32_add(f32_mul(static_cast<float>(tap), static_cast<float>(dilation)), -static_cast<float>(half)), size);
+  return f32_add(ref, f32_mul(grid, offset_scale));
+}
+
+// Sampling coordinate in pixels of the padded image (pixel centres at integers), in the compute type T:
+//   loc = T(base) + offset * offset_scale / padded_size       (normalised location, as in the reference)
+//   u   = ((2 * loc - 1) + 1) * padded_size / 2 - 0.5         (grid_sample, align_corners=False)
+// d u / d offset = offset_scale.
+// The last step is one fused multiply-add, rounded once, as torch's vectorised CPU grid_sample computes it: when a
+// sample sits exactly on a pixel row or column (zero offsets, offsets that are whole pixels in bfloat16) the kink of
+// the bilinear interpolation then falls on the same side as in the reference, and so do the gradients.
+template <typename T>
+DCNV3_HD T padded_coord(float base, T offset, T offset_scale, T padded_size) {
+  const T loc = static_cast<T>(base) + offset * offset_scale / padded_size;
+  const T grid = loc * T(2) - T(1);
+  return fma_t(grid + T(1), padded_size * T(0.5), T(-0.5));
+}
+
+// The 2x2 neighbourhood of a sampling point. Corner k: x = x0 + (k & 1), y = y0 + (k >> 1), in unpadded input
+// coordinates; corners outside the image read as zero.
+template <typename T>
+struct Corners {
+  int64_t x0, y0;
+  T fx, fy;           // position inside the cell, in [0, 1)
+  bool vx0, vx1, vy0, vy1;  // which columns / rows lie inside the image
+
+  DCNV3_HD bool all_valid() const { return vx0 && vx1 && vy0 && vy1; }
+  DCNV3_HD bool valid(int k) const { return ((k & 1) ? vx1 : vx0) && ((k >> 1) ? vy1 : vy0); }
+  // Pixel index (y * W + x) of corner k; only meaningful when valid(k).
+  DCNV3_HD int64_t pixel(int k, int64_t width) const { return (y0 + (k >> 1)) * width + x0 + (k & 1); }
+};
+
+// Locate padded coordinates (u, v) in an H x W image padded by (pad_h, pad_w). Returns false when no corner lies
+// inside the image (the sample and all its derivatives are zero); this also rejects NaN coordinates and keeps the
+// float -> integer conversion in range for arbitrarily large offsets. Per-corner bounds match grid_sample's.
+template <typename T>
+DCNV3_HD bool locate(T u, T v, int64_t pad_w, int64_t pad_h, int64_t width, int64_t height, Corners<T>& c) {
+  if (!(u >= T(pad_w - 1) && u < T(pad_w + width) && v >= T(pad_h - 1) && v < T(pad_h + height))) return false;
+  const T xf = floor_t(u);
+  const T yf = floor_t(v);
+  c.fx = u - xf;
+  c.fy = v - yf;
+  c.x0 = static_cast<int64_t>(xf) - pad_w;
+  c.y0 = static_cast<int64_t>(yf) - pad_h;
+  c.vx0 = c.x0 >= 0;
+  c.vx1 = c.x0 + 1 < width;
+  c.vy0 = c.y0 >= 0;
+  c.vy1 = c.y0 + 1 < height;
+  return true;
+}
+
+// Bilinear weights of the four corners, zero for corners outside the image.
+template <typename T>
+DCNV3_HD void bilinear_weights(const Corners<T>& c, T w[4]) {
+  const T ax0 = c.vx0 ? T(1) - c.fx : T(0);
+  const T ax1 = c.vx1 ? c.fx : T(0);
+  const T ay0 = c.vy0 ? T(1) - c.fy : T(0);
+  const T ay1 = c.vy1 ? c.fy : T(0);
+  w[0] = ay0 * ax0;
+  w[1] = ay0 * ax1;
+  w[2] = ay1 * ax0;
+  w[3] = ay1 * ax1;
+}
+
+// d(sample)/du and d(sample)/dv as coefficients of the four corner values (zero for corners outside the image):
+// sample = sum_k w[k] * value[k], d sample / du = sum_k du[k] * value[k], d sample / dv = sum_k dv[k] * value[k].
+template <typename T>
+DCNV3_HD void bilinear_derivatives(const Corners<T>& c, T du[4], T dv[4]) {
+  const T ax0 = c.vx0 ? T(1) - c.fx : T(0);
+  const T ax1 = c.vx1 ? c.fx : T(0);
+  const T ay0 = c.vy0 ? T(1) - c.fy : T(0);
+  const T ay1 = c.vy1 ? c.fy : T(0);
+  const T sx0 = c.vx0 ? T(-1) : T(0);
+  const T sx1 = c.vx1 ? T(1) : T(0);
+  const T sy0 = c.vy0 ? T(-1) : T(0);
+  const T sy1 = c.vy1 ? T(1) : T(0);
+  du[0] = ay0 * sx0;
+  du[1] = ay0 * sx1;
+  du[2] = ay1 * sx0;
+  du[3] = ay1 * sx1;
+  dv[0] = sy0 * ax0;
+  dv[1] = sy0 * ax1;
+  dv[2] = sy1 * ax0;
+  dv[3] = sy1 * ax1;
+}
+
+// Gradients of one sampling point from the four dot products dot[k] = sum_c grad_out[c] * value[k][c]:
+//   d L / d mask     = sum_k w[k] * dot[k]
+//   d L / d offset_x = mask * sum_k du[k] * dot[k] * offset_scale     (d u / d offset_x = offset_scale)
+//   d L / d offset_y = mask * sum_k dv[k] * dot[k] * offset_scale
+template <typename T>
+DCNV3_HD void point_gradients(const T w[4], const T du[4], const T dv[4], const T dot[4], T m, T offset_scale,
+                              T& grad_mask, T& grad_offset_x, T& grad_offset_y) {
+  T gm = T(0), gu = T(0), gv = T(0);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 4; ++k) {
+    gm += w[k] * dot[k];
+    gu += du[k] * dot[k];
+    gv += dv[k] * dot[k];
+  }
+  grad_mask = gm;
+  grad_offset_x = m * gu * offset_scale;
+  grad_offset_y = m * gv * offset_scale;
+}
+
+}  // namespace internimage_dcnv3

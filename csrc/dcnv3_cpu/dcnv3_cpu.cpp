@@ -1,0 +1,364 @@
+// DCNv3 CPU entry points: argument checks, output allocation, threading (at::parallel_for) and the choice between
+// instruction-set variants of the kernels in dcnv3_cpu_kernel.h.
+//
+// Forward: parallel over output pixels; each pixel reads its offsets and masks once and accumulates every group's
+//   channels with vector loops.
+// Backward: parallel over (image, group[, pixel slice]) tasks. A task owns the channels of its group in grad_input,
+//   so no two threads ever add into the same element: no atomics, and the summation order is fixed. When there are
+//   fewer (image, group) pairs than threads, each pair's pixels are cut into slices that accumulate into separate
+//   buffers, summed afterwards in a fixed order.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "dcnv3_common/dcnv3_args.h"
+#include "dcnv3_cpu/dcnv3_cpu_kernel.h"
+#include "torch_binding.h"
+
+namespace internimage_dcnv3 {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Instruction-set variants. The kernels are force-inlined into wrappers compiled for each target, so one build runs
+// well on any x86-64 CPU without -march flags (the portable variant is the fallback).
+// ---------------------------------------------------------------------------------------------------------------
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(DCNV3_NO_ISA_DISPATCH)
+#define DCNV3_X86_VARIANTS 1
+#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if defined(__clang__)
+#define DCNV3_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#else
+#define DCNV3_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
+#else
+#define DCNV3_X86_VARIANTS 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DCNV3_NOINLINE __attribute__((noinline))
+#else
+#define DCNV3_NOINLINE
+#endif
+
+template <typename S>
+using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, int64_t, int64_t);
+template <typename S>
+using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const S*, acc_t<S>*, S*, S*, acc_t<S>*,
+                            int64_t, int64_t, int64_t, int64_t);
+
+#define DCNV3_DEFINE_VARIANT(NS, TARGET)                                                                        \
+  namespace NS {                                                                                                \
+  template <typename S, int CG>                                                                                 \
+  TARGET DCNV3_NOINLINE void forward(const Problem& pb, const S* input, const S* offset, const S* mask,        \
+                                     S* output, acc_t<S>* scratch, int64_t begin, int64_t end) {                \
+    forward_pixels<S, CG>(pb, input, offset, mask, output, scratch, begin, end);                                \
+  }                                                                                                             \
+  template <typename S, int CG>                                                                                 \
+  TARGET DCNV3_NOINLINE void backward(const Problem& pb, const S* grad_output, const S* input, const S* offset, \
+                                      const S* mask, acc_t<S>* grad_input, S* grad_offset, S* grad_mask,        \
+                                      acc_t<S>* go_scratch, int64_t n, int64_t g, int64_t begin, int64_t end) { \
+    backward_task<S, CG>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask, go_scratch,  \
+                         n, g, begin, end);                                                                     \
+  }                                                                                                             \
+  template <typename S>                                                                                         \
+  ForwardFn<S> pick_forward(int64_t cg) {                                                                       \
+    if (cg == 16) return &forward<S, 16>;                                                                       \
+    if (cg == 32) return &forward<S, 32>;                                                                       \
+    return &forward<S, 0>;                                                                                      \
+  }                                                                                                             \
+  template <typename S>                                                                                         \
+  BackwardFn<S> pick_backward(int64_t cg) {                                                                     \
+    if (cg == 16) return &backward<S, 16>;                                                                      \
+    if (cg == 32) return &backward<S, 32>;                                                                      \
+    return &backward<S, 0>;                                                                                     \
+  }                                                                                                             \
+  }
+
+DCNV3_DEFINE_VARIANT(portable, )
+#if DCNV3_X86_VARIANTS
+DCNV3_DEFINE_VARIANT(avx2, DCNV3_TARGET_AVX2)
+DCNV3_DEFINE_VARIANT(avx512, DCNV3_TARGET_AVX512)
+#endif
+
+int detect_isa() {
+#if DCNV3_X86_VARIANTS
+  __builtin_cpu_init();
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+  if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    level = 2;
+  // Honour torch's own switch for capping the CPU capability.
+  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
+    const std::string cap(env);
+    if (cap == "default") level = 0;
+    else if (cap == "avx2") level = std::min(level, 1);
+  }
+  return level;
+#else
+  return 0;
+#endif
+}
+
+int supported_isa() {
+  static const int level = detect_isa();
+  return level;
+}
+
+std::atomic<int>& isa_in_use() {
+  static std::atomic<int> level{supported_isa()};
+  return level;
+}
+
+template <typename S>
+ForwardFn<S> forward_kernel(int64_t cg) {
+#if DCNV3_X86_VARIANTS
+  switch (isa_in_use().load()) {
+    case 2:
+      return avx512::pick_forward<S>(cg);
+    case 1:
+      return avx2::pick_forward<S>(cg);
+    default:
+      break;
+  }
+#endif
+  return portable::pick_forward<S>(cg);
+}
+
+template <typename S>
+BackwardFn<S> backward_kernel(int64_t cg) {
+#if DCNV3_X86_VARIANTS
+  switch (isa_in_use().load()) {
+    case 2:
+      return avx512::pick_backward<S>(cg);
+    case 1:
+      return avx2::pick_backward<S>(cg);
+    default:
+      break;
+  }
+#endif
+  return portable::pick_backward<S>(cg);
+}
+
+// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P).
+void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, double offset_scale,
+                bool remove_center, std::vector<float>& base_x, std::vector<float>& base_y) {
+  const float scale = static_cast<float>(offset_scale);
+  base_x.resize(s.Wo * s.P);
+  base_y.resize(s.Ho * s.P);
+  for (int64_t p = 0; p < s.P; ++p) {
+    int tap_x, tap_y;
+    point_taps(static_cast<int>(p), static_cast<int>(kernel_h), static_cast<int>(kernel_w), remove_center, tap_x,
+               tap_y);
+    for (int64_t wo = 0; wo < s.Wo; ++wo)
+      base_x[wo * s.P + p] = sampling_base(wo, tap_x, static_cast<int>(kernel_w), static_cast<int>(stride_w),
+                                           static_cast<int>(dilation_w), s.W + 2 * pad_w, scale);
+    for (int64_t ho = 0; ho < s.Ho; ++ho)
+      base_y[ho * s.P + p] = sampling_base(ho, tap_y, static_cast<int>(kernel_h), static_cast<int>(stride_h),
+                                           static_cast<int>(dilation_h), s.H + 2 * pad_h, scale);
+  }
+}
+
+Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale,
+                     const std::vector<float>& base_x, const std::vector<float>& base_y) {
+  Problem pb;
+  pb.N = s.N;
+  pb.H = s.H;
+  pb.W = s.W;
+  pb.C = s.C;
+  pb.G = s.G;
+  pb.Cg = s.Cg;
+  pb.Ho = s.Ho;
+  pb.Wo = s.Wo;
+  pb.P = s.P;
+  pb.pad_h = pad_h;
+  pb.pad_w = pad_w;
+  pb.offset_scale = offset_scale;
+  pb.base_x = base_x.data();
+  pb.base_y = base_y.data();
+  return pb;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "DCNv3 CPU kernel: ", name, " must be a CPU tensor");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kBFloat16,
+              "DCNv3 CPU kernel supports float64, float32 and bfloat16, got ", dt);
+}
+
+// Raw storage pointer of a contiguous tensor as the kernel's element type.
+template <typename S>
+const S* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const S*>(t.const_data_ptr());
+}
+template <typename S>
+S* mptr(at::Tensor& t) {
+  return reinterpret_cast<S*>(t.mutable_data_ptr());
+}
+
+template <typename S>
+void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+                 at::Tensor& output) {
+  using A = acc_t<S>;
+  const ForwardFn<S> fn = forward_kernel<S>(pb.Cg);
+  const S* in = cptr<S>(input);
+  const S* off = cptr<S>(offset);
+  const S* msk = cptr<S>(mask);
+  S* out = mptr<S>(output);
+  const int64_t pixels = pb.N * pb.Ho * pb.Wo;
+  const int64_t work_per_pixel = pb.G * pb.P * (pb.Cg + 32);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_pixel));
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(std::is_same<S, A>::value ? 0 : pb.C);
+    fn(pb, in, off, msk, out, scratch.data(), begin, end);
+  });
+}
+
+template <typename S>
+void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Tensor& input,
+                  const at::Tensor& offset, const at::Tensor& mask, at::Tensor& grad_input, at::Tensor& grad_offset,
+                  at::Tensor& grad_mask) {
+  using A = acc_t<S>;
+  constexpr bool kDirect = std::is_same<S, A>::value;
+  const BackwardFn<S> fn = backward_kernel<S>(pb.Cg);
+  const int64_t pairs = pb.N * pb.G;
+  const int64_t threads = at::get_num_threads();
+  const int64_t pixels = pb.Ho * pb.Wo;
+  // Slices per (image, group): 1 unless that leaves threads idle.
+  int64_t slices = 1;
+  if (pairs < threads) slices = std::min<int64_t>((threads + pairs - 1) / pairs, pixels);
+  slices = std::max<int64_t>(slices, 1);
+
+  const auto acc_dtype = kDirect ? input.scalar_type() : at::kFloat;
+  at::Tensor buffer;  // (slices, N, H, W, C) in the accumulation type, unless we can add into grad_input directly
+  A* target;
+  if (kDirect && slices == 1) {
+    target = mptr<A>(grad_input);
+  } else {
+    buffer = at::zeros({slices, pb.N, pb.H, pb.W, pb.C}, input.options().dtype(acc_dtype));
+    target = mptr<A>(buffer);
+  }
+  const int64_t image_elems = pb.N * pb.H * pb.W * pb.C;
+
+  const S* go = cptr<S>(grad_output);
+  const S* in = cptr<S>(input);
+  const S* off = cptr<S>(offset);
+  const S* msk = cptr<S>(mask);
+  S* goff = mptr<S>(grad_offset);
+  S* gmsk = mptr<S>(grad_mask);
+  const int64_t tasks = pairs * slices;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(kDirect ? 0 : pb.Cg);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slice = t % slices;
+      const int64_t pair = t / slices;
+      const int64_t n = pair / pb.G;
+      const int64_t g = pair - n * pb.G;
+      const int64_t first = pixels * slice / slices;
+      const int64_t last = pixels * (slice + 1) / slices;
+      fn(pb, go, in, off, msk, target + slice * image_elems, goff, gmsk, scratch.data(), n, g, first, last);
+    }
+  });
+  if (buffer.defined()) {
+    at::Tensor summed = slices == 1 ? buffer.select(0, 0) : buffer.sum(0);
+    grad_input.copy_(summed);
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace internimage_dcnv3
+
+using namespace internimage_dcnv3;
+
+at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
+                             int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                             int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+                             int64_t group_channels, double offset_scale, int64_t remove_center) {
+  const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                             dilation_h, dilation_w, group, group_channels, remove_center);
+  cpu::check_cpu(input_, "input");
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
+  if (output.numel() == 0) return output;
+  std::vector<float> base_x, base_y;
+  cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
+                  remove_center != 0, base_x, base_y);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, base_x, base_y);
+  switch (input.scalar_type()) {
+    case at::kDouble:
+      cpu::run_forward<double>(pb, input, offset, mask, output);
+      break;
+    case at::kFloat:
+      cpu::run_forward<float>(pb, input, offset, mask, output);
+      break;
+    default:
+      cpu::run_forward<cpu::bf16>(pb, input, offset, mask, output);
+      break;
+  }
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
+    int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
+    int64_t remove_center) {
+  const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                             dilation_h, dilation_w, group, group_channels, remove_center);
+  cpu::check_cpu(input_, "input");
+  TORCH_CHECK(grad_output_.device().is_cpu(), "DCNv3 CPU kernel: grad_output must be a CPU tensor");
+  TORCH_CHECK(grad_output_.dim() == 4 && grad_output_.size(0) == s.N && grad_output_.size(1) == s.Ho &&
+                  grad_output_.size(2) == s.Wo && grad_output_.size(3) == s.C,
+              "DCNv3: grad_output must have shape (", s.N, ", ", s.Ho, ", ", s.Wo, ", ", s.C, "), got ",
+              grad_output_.sizes());
+  const at::Tensor grad_output = grad_output_.to(input_.scalar_type()).contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  at::Tensor grad_input = at::zeros_like(input);
+  at::Tensor grad_offset = at::empty_like(offset);
+  at::Tensor grad_mask = at::empty_like(mask);
+  if (grad_output.numel() == 0) {
+    grad_offset.zero_();
+    grad_mask.zero_();
+    return {grad_input, grad_offset, grad_mask};
+  }
+  std::vector<float> base_x, base_y;
+  cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
+                  remove_center != 0, base_x, base_y);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, base_x, base_y);
+  switch (input.scalar_type()) {
+    case at::kDouble:
+      cpu::run_backward<double>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
+      break;
+    case at::kFloat:
+      cpu::run_backward<float>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
+      break;
+    default:
+      cpu::run_backward<cpu::bf16>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
+      break;
+  }
+  return {grad_input, grad_offset, grad_mask};
+}
+
+int64_t dcnv3_cpu_isa(int64_t request) {
+  if (request >= 0) {
+    const int level = static_cast<int>(std::min<int64_t>(request, cpu::supported_isa()));
+    cpu::isa_in_use().store(level);
+  }
+  return cpu::isa_in_use().load();
+}

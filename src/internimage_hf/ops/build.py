@@ -1,0 +1,306 @@
+"""Build the DCNv3 kernels from source (`internimage-hf build-kernels`) into a local `kernels`-style folder.
+
+Layout written (a valid `kernels.get_local_kernel` repository):
+
+    <cache>/build/<variant>/__init__.py, functional.py, layers.py   the Python package (csrc/torch-ext/internimage_dcnv3)
+                            _ops.py                                  the op namespace of this build
+                            _internimage_dcnv3_<tag>.so              the compiled ops
+                            metadata.json                            id, name, version, license, python-depends,
+                                                                     backend, and our own build record
+
+<cache> is $INTERNIMAGE_HF_KERNEL_CACHE or ~/.cache/internimage_hf/kernels; <variant> is
+`torch{MAJ}{MIN}-cxx11-cpu-x86_64-linux` (CPU torch) or `torch{MAJ}{MIN}-cxx11-cu{XY}-x86_64-linux` (CUDA torch; such a
+build holds the CPU kernels too). Compilation runs in a child process (so this process never loads a half-built
+library), into a staging folder that is smoke-tested and then renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+KERNEL_NAME = "internimage-dcnv3"  # kernels/kernel-builder names use dashes
+PACKAGE_NAME = "internimage_dcnv3"  # ... and their Python package the underscored form
+KERNEL_VERSION = 1
+KERNEL_LICENSE = "MIT"
+CACHE_ENV = "INTERNIMAGE_HF_KERNEL_CACHE"
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+# Sources compiled into every build, and the CUDA source added to CUDA builds (paths relative to csrc/).
+CPU_SOURCES = ("torch-ext/torch_binding.cpp", "dcnv3_cpu/dcnv3_cpu.cpp")
+CUDA_SOURCES = ("dcnv3_cuda/dcnv3_cuda.cu",)
+PACKAGE_DIR = f"torch-ext/{PACKAGE_NAME}"
+
+
+class KernelBuildError(RuntimeError):
+    """The DCNv3 kernel could not be built (no compiler, compile error, failed smoke test...)."""
+
+
+def default_cache_dir() -> Path:
+    """$INTERNIMAGE_HF_KERNEL_CACHE, else ~/.cache/internimage_hf/kernels."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "internimage_hf" / "kernels"
+
+
+def source_dir() -> Path | None:
+    """The kernel sources: `internimage_hf/csrc` in a wheel, the repository's `csrc/` in a source checkout."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "csrc", here.parents[3] / "csrc"):
+        if (candidate / "build.toml").is_file() and (candidate / PACKAGE_DIR / "__init__.py").is_file():
+            return candidate
+    return None
+
+
+def _source_files(src: Path) -> list[Path]:
+    files = [p for p in src.rglob("*") if p.is_file() and p.suffix in {".h", ".cpp", ".cu", ".cuh", ".py", ".toml"}
+             and "__pycache__" not in p.parts]
+    return sorted(files, key=lambda p: p.relative_to(src).as_posix())
+
+
+def source_digest(src: Path | None = None) -> str:
+    """SHA-256 over the kernel sources (paths and contents): a build is current when its digest matches."""
+    src = src or source_dir()
+    if src is None:
+        raise KernelBuildError("DCNv3 kernel sources (csrc/) not found in this installation")
+    h = hashlib.sha256()
+    for path in _source_files(src):
+        h.update(path.relative_to(src).as_posix().encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def torch_variant(cuda: bool | None = None) -> str:
+    """`kernels` build-variant name for the running torch (compiled variants must match its minor version)."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    abi = "cxx11" if getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True) else "cxx98"
+    if cuda is None:
+        cuda = torch.version.cuda is not None
+    if cuda:
+        if torch.version.cuda is None:
+            raise KernelBuildError("a CUDA build needs a CUDA build of torch; this torch is CPU-only")
+        cu_major, cu_minor = torch.version.cuda.split(".")[:2]
+        backend = f"cu{cu_major}{cu_minor}"
+    else:
+        backend = "cpu"
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    system = {"linux": "linux", "darwin": "darwin", "win32": "windows"}.get(sys.platform, sys.platform)
+    return f"torch{major}{minor}-{abi}-{backend}-{machine}-{system}"
+
+
+def variant_dir(cache_dir: str | os.PathLike | None = None, cuda: bool | None = None) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "build" / torch_variant(cuda)
+
+
+def read_metadata(path: Path) -> dict:
+    with open(path / "metadata.json", encoding="utf-8") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or "id" not in meta:
+        raise ValueError(f"{path / 'metadata.json'} is not a kernel metadata file")
+    return meta
+
+
+def _cuda_wanted(cuda: bool | None) -> bool:
+    import torch
+
+    if cuda is not None:
+        if cuda and torch.version.cuda is None:
+            raise KernelBuildError("--cuda needs a CUDA build of torch (this torch is CPU-only: "
+                                   f"{torch.__version__}); install one from https://pytorch.org")
+        return bool(cuda)
+    if torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
+
+
+@contextmanager
+def _build_lock(root: Path):
+    """Serialise builds into the same cache folder (best effort on systems without fcntl)."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# Runs in a child process: compile with torch's cpp_extension (ninja) and report the library path.
+_COMPILE_SCRIPT = r"""
+import json, sys
+cfg = json.loads(sys.argv[1])
+from torch.utils.cpp_extension import load
+load(name=cfg["name"], sources=cfg["sources"], extra_cflags=cfg["cflags"], extra_cuda_cflags=cfg["cuda_cflags"],
+     extra_include_paths=cfg["include"], build_directory=cfg["build_dir"], verbose=cfg["verbose"],
+     with_cuda=cfg["with_cuda"], is_python_module=True)
+"""
+
+# Runs in a child process: import the staged package the way the loader does and run the op once.
+_SMOKE_SCRIPT = r"""
+import importlib.util, json, sys
+import torch
+path = sys.argv[1]
+meta = json.load(open(path + "/metadata.json"))
+spec = importlib.util.spec_from_file_location(meta["id"], path + "/__init__.py")
+mod = importlib.util.module_from_spec(spec)
+sys.modules[meta["id"]] = mod
+spec.loader.exec_module(mod)
+x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
+off = torch.randn(2, 5, 6, 2 * 9 * 2, dtype=torch.float64, requires_grad=True)
+m = torch.rand(2, 5, 6, 2 * 9, dtype=torch.float64, requires_grad=True)
+y = mod.dcnv3_core(x, off, m, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
+y.square().sum().backward()
+assert y.shape == x.shape and bool(torch.isfinite(y).all()) and x.grad is not None
+print("ok", ",".join(mod.backends()))
+"""
+
+
+def _run(cmd: list[str], verbose: bool, what: str, log: Path, extra_env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ)
+    env.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+    env.update(extra_env or {})
+    proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env)
+    out = proc.stdout or ""
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"$ {what}\n{out}\n")
+    if proc.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-40:])
+        raise KernelBuildError(f"{what} failed (exit {proc.returncode}); full log: {log}\n{tail}")
+    return out
+
+
+def _write_package(src: Path, dest: Path, ext_name: str, meta: dict) -> None:
+    dest.mkdir(parents=True)
+    for py in sorted((src / PACKAGE_DIR).glob("*.py")):
+        shutil.copy2(py, dest / py.name)
+    (dest / "_ops.py").write_text(
+        '"""Op namespace of this build (what kernel-builder generates for Hub builds)."""\n\n'
+        "import torch\n\n"
+        f"from . import {ext_name}  # noqa: F401  (loading it registers the ops)\n\n"
+        f"ops = torch.ops.{ext_name}\n\n\n"
+        "def add_op_namespace_prefix(op_name: str) -> str:\n"
+        f'    return "{ext_name}::" + op_name\n',
+        encoding="utf-8",
+    )
+    (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None = None, verbose: bool = False,
+                  force: bool = False) -> Path:
+    """Compile the DCNv3 kernels into the cache; returns the variant folder (`<cache>/build/<variant>`).
+
+    cuda: None = build the CUDA kernel too when torch is a CUDA build and nvcc is found; True = require it;
+    False = CPU only. The arch list comes from $TORCH_CUDA_ARCH_LIST (default "8.0;8.6;8.9;9.0+PTX").
+    An up-to-date build (same sources, torch and backends) is kept unless force=True.
+    Raises KernelBuildError with the compiler's output when the build fails.
+    """
+    import torch
+
+    src = source_dir()
+    if src is None:
+        raise KernelBuildError("DCNv3 kernel sources (csrc/) not found: reinstall internimage-hf or build from a "
+                               "source checkout")
+    with_cuda = _cuda_wanted(cuda)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    variant = torch_variant(with_cuda)
+    final = root / "build" / variant
+    digest = source_digest(src)
+    backends = ["cpu", "cuda"] if with_cuda else ["cpu"]
+
+    with _build_lock(root):
+        if not force and final.is_dir():
+            try:
+                record = read_metadata(final).get("internimage_hf", {})
+                if (record.get("source_digest") == digest and record.get("torch") == torch.__version__
+                        and record.get("backends") == backends and any(final.glob(f"{record['ext_name']}*"))):
+                    return final
+            except Exception:  # unreadable or foreign folder: rebuild it
+                pass
+
+        tag = uuid.uuid4().hex[:8]
+        ext_name = f"_{PACKAGE_NAME}_{digest[:10]}_{tag}"
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{variant}-", dir=root))
+        log = root / "last-build.log"
+        log.write_text(f"internimage_hf DCNv3 kernel build, {_dt.datetime.now().isoformat()}\n", encoding="utf-8")
+        try:
+            obj_dir = staging / "obj"
+            obj_dir.mkdir()
+            cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-fno-math-errno"]
+            cuda_cflags: list[str] = []
+            sources = [str(src / s) for s in CPU_SOURCES]
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+            if with_cuda:
+                cflags.append("-DDCNV3_WITH_CUDA")
+                cuda_cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", "-lineinfo"]
+                sources += [str(src / s) for s in CUDA_SOURCES]
+            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "cuda_cflags": cuda_cflags,
+                   "include": [str(src), str(src / "torch-ext")], "build_dir": str(obj_dir), "verbose": verbose,
+                   "with_cuda": with_cuda}
+            _run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)], verbose, "compile", log,
+                 {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None)
+            libs = [p for p in obj_dir.iterdir() if p.name.startswith(ext_name) and p.suffix in {".so", ".pyd"}]
+            if not libs:
+                raise KernelBuildError(f"the compiler produced no library in {obj_dir}; full log: {log}")
+
+            meta = {
+                "id": ext_name.lstrip("_"),
+                "name": KERNEL_NAME,
+                "version": KERNEL_VERSION,
+                "license": KERNEL_LICENSE,
+                "python-depends": [],
+                "backend": ({"type": "cuda", "archs": archs.split(";")}
+                            if with_cuda else {"type": "cpu"}),
+                "internimage_hf": {
+                    "source_digest": digest,
+                    "ext_name": ext_name,
+                    "torch": torch.__version__,
+                    "cuda": torch.version.cuda if with_cuda else None,
+                    "backends": backends,
+                    "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            }
+            package = staging / variant
+            _write_package(src, package, ext_name, meta)
+            shutil.copy2(libs[0], package / libs[0].name)
+            _run([sys.executable, "-c", _SMOKE_SCRIPT, str(package)], False, "smoke test", log)
+
+            final.parent.mkdir(parents=True, exist_ok=True)
+            old = None
+            if final.exists():
+                old = root / f".old-{variant}-{tag}"
+                os.rename(final, old)
+            os.rename(package, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+__all__ = ["KernelBuildError", "build_kernels", "default_cache_dir", "source_dir", "source_digest", "torch_variant",
+           "variant_dir", "read_metadata"]

@@ -1,0 +1,69 @@
+"""A loaded DCNv3 kernel (Hub kernel or local build) behind the small interface `dispatch.py` uses.
+
+The kernel package itself (csrc/torch-ext/internimage_dcnv3) registers the ops' fake implementations and autograd
+formula, so what is wrapped here is already differentiable and traceable by `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+class DCNv3KernelWarning(UserWarning):
+    """The compiled DCNv3 kernel is not used (the pure-PyTorch reference runs instead); the message says why."""
+
+
+_REQUIRED = ("dcnv3_core", "supports", "backends")
+_device_warned: set[str] = set()
+
+
+def _warn_missing_device(device: str, source: str) -> bool:
+    if device not in _device_warned:
+        _device_warned.add(device)
+        hint = ("rebuild it with `internimage-hf build-kernels --cuda` (needs a CUDA build of torch and nvcc)"
+                if device == "cuda" else "rebuild it on a torch build with that backend")
+        warnings.warn(f"The compiled DCNv3 kernel ({source}) has no {device} implementation; {device} inputs use "
+                      f"the pure-PyTorch reference (slow). To fix: {hint}.", DCNv3KernelWarning, stacklevel=4)
+    return True
+
+
+# Runs eagerly even inside torch.compile (what torch.compiler.assume_constant_result sets; set directly here so
+# that loading a kernel does not import torch._dynamo).
+_warn_missing_device._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+class CompiledDCNv3:
+    """Callable with the official DCNv3 arguments; `supports(input)` says whether this kernel handles the input."""
+
+    def __init__(self, module: ModuleType, source: str, path: Path | None = None):
+        missing = [name for name in _REQUIRED if not hasattr(module, name)]
+        if missing:
+            raise ImportError(f"{source} is not a DCNv3 kernel (missing {', '.join(missing)})")
+        self.module = module
+        self.source = source
+        self.path = path
+        self.backends = tuple(module.backends())
+        self._core = module.dcnv3_core
+        self._supports = module.supports
+
+    def supports(self, input: torch.Tensor) -> bool:
+        if self._supports(input):
+            return True
+        if input.device.type not in self.backends:
+            _warn_missing_device(input.device.type, self.source)
+        return False
+
+    def __call__(self, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                 dilation_w, group, group_channels, offset_scale, remove_center) -> torch.Tensor:
+        return self._core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                          dilation_w, group, group_channels, offset_scale, remove_center)
+
+    def __repr__(self) -> str:
+        return f"CompiledDCNv3(source={self.source!r}, backends={self.backends})"
+
+
+__all__ = ["CompiledDCNv3", "DCNv3KernelWarning"]
