@@ -92,7 +92,8 @@ def test_existing_output_is_refused_unless_overwrite(tiny_t, tmp_path):
     assert run_convert(tiny_t[0], out, "--official-config", tiny_t[1]) == 1
     assert (out / "keep.txt").read_text() == "mine"
     assert run_convert(tiny_t[0], out, "--official-config", tiny_t[1], "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "preprocessor_config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 

@@ -1,4 +1,4 @@
-"""`internimage-hf` command line: convert official checkpoints, build kernels, run the demo."""
+"""`internimage-hf` command line: convert and publish official checkpoints, build kernels, run the demo."""
 
 from __future__ import annotations
 
@@ -6,16 +6,71 @@ import argparse
 import sys
 
 
+def _fail(command: str, error: BaseException, debug: bool = False) -> int:
+    """Report an error as one line on stderr (a traceback only with --debug)."""
+    if debug:
+        raise error
+    text = " ".join(str(error).split()) or type(error).__name__
+    from .convert import ConversionError
+
+    if not isinstance(error, (ConversionError, ValueError, OSError)):
+        text = f"{type(error).__name__}: {text}"
+    print(f"internimage-hf {command}: error: {text}", file=sys.stderr)
+    return 1
+
+
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import ConversionError, convert
+    from .conversion.pipeline import convert_checkpoint
 
     try:
-        out = convert(args.source, args.output_dir, variant=args.variant, official_config=args.official_config,
-                      overwrite=args.overwrite, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
-    except (ConversionError, ValueError) as error:
-        print(f"internimage-hf convert: error: {error}", file=sys.stderr)
+        result = convert_checkpoint(
+            args.source, args.output_dir, variant=args.variant, official_config=args.official_config,
+            overwrite=args.overwrite, trust_pickle=args.trust_pickle, use_ema=args.use_ema, labels=args.labels,
+            image_size=args.image_size, release=args.release, expected=args.expected, tolerance=args.tolerance,
+            max_shard_size=args.max_shard_size, model_id=args.model_id or args.push_to_hub,
+            base_model=args.base_model, revision=args.source_revision,
+        )
+    except Exception as error:  # every failure is one line; nothing partial was written
+        return _fail("convert", error, args.debug)
+    plan = result.plan
+    found = plan.title + (f": {plan.architecture.short()}" if plan.architecture else "")
+    release = f", release {plan.release.name}" if plan.release else ""
+    print(f"Model: {found}, {plan.config.num_labels} classes ({plan.labels} labels), {plan.image_size}x"
+          f"{plan.image_size} input{release}, {result.num_parameters:,} parameters")
+    verification = result.verification
+    if verification.expected:
+        print(f"Verified against {verification.expected}: relative errors {verification.errors_text()} "
+              f"(tolerance {verification.tolerance:g})")
+    print(f"Converted {args.source} -> {result.output_dir}")
+    if args.push_to_hub:
+        from .conversion.hub import push_folder
+
+        try:
+            url = push_folder(result.output_dir, args.push_to_hub, private=args.private, revision=args.revision,
+                              create_pr=args.create_pr, commit_message=args.commit_message)
+        except Exception as error:
+            return _fail("convert", error, args.debug)
+        print(f"Pushed {result.output_dir} to {args.push_to_hub}: {url}")
+    return 0
+
+
+def _convert_all(args: argparse.Namespace) -> int:
+    from .conversion.batch import convert_all, summary_table
+
+    try:
+        results = convert_all(args.manifest, source_dir=args.source_dir, output_root=args.output_root,
+                              push=args.push, only=args.only, org=args.org, overwrite=args.overwrite,
+                              skip_existing=args.skip_existing,
+                              trust_pickle=args.trust_pickle, private=args.private, revision=args.revision,
+                              create_pr=args.create_pr, max_shard_size=args.max_shard_size)
+    except Exception as error:
+        return _fail("convert-all", error, args.debug)
+    print(summary_table(results))
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        print(f"internimage-hf convert-all: error: {len(failed)} of {len(results)} failed: {', '.join(failed)}",
+              file=sys.stderr)
         return 1
-    print(f"Converted {args.source} -> {out}")
     return 0
 
 
@@ -41,17 +96,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internimage-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert an official .pth or OpenGVLab repo folder to a save_pretrained folder")
-    p.add_argument("source", help="official .pth file or OpenGVLab remote-code repo folder")
+    p = sub.add_parser("convert", help="convert an official .pth, OpenGVLab repo folder or Hub id into a "
+                                       "save_pretrained folder with a model card (and push it)")
+    p.add_argument("source", help="official .pth file, OpenGVLab remote-code repo folder, or a Hub reference: "
+                                  "owner/name (a repo) or owner/name/file.pth")
     p.add_argument("output_dir", help="folder to create (written atomically)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--variant", help="official variant: t, s, b, l, xl, h, g")
+    which.add_argument("--variant", help="official variant: t, s, b, l, xl, h, g (default: detected from the weights; "
+                                         "if both are known they must agree)")
     which.add_argument("--official-config", help="JSON file of official InternImage(...) keyword arguments")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling of the .pth (only for files you trust)")
     p.add_argument("--use-ema", action="store_true", help="take the 'model_ema' weights of a training checkpoint")
+    p.add_argument("--labels", default="auto", help="auto (ImageNet-1k/22k names for 1000/21841-class heads), "
+                                                    "none (LABEL_i), or a .json list / .txt file of class names")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="preprocessing resolution (default: the release's eval resolution, SPEC §4)")
+    p.add_argument("--release", default=None, help="official release this is (default: identified from the file "
+                                                   "name, variant and head), e.g. internimage-t-1k-224")
+    p.add_argument("--expected", default=None, help="safetensors file with pixel_values, logits and optionally "
+                                                    "stage1..4: the converted model must reproduce them")
+    p.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted by --expected "
+                                                                 "(default 1e-4)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size (e.g. 2GB)")
+    p.add_argument("--model-id", default=None, help="repo id the model card's usage snippet loads "
+                                                    "(default: --push-to-hub, else OUTPUT_DIR)")
+    p.add_argument("--base-model", default=None, help="base_model for the card of a fine-tune (default: the base "
+                                                      "release under the same owner)")
+    p.add_argument("--source-revision", default=None, help="revision of a Hub source")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("convert-all", help="convert (and push) every checkpoint of a manifest, with a summary table")
+    p.add_argument("manifest", help="manifest JSON (see conversion/manifest.json)")
+    p.add_argument("--source-dir", default=None, help="folder holding the .pth files / remote-code repo folders "
+                                                      "(missing ones are downloaded from the Hub)")
+    p.add_argument("--output-root", default="converted", help="one output folder per entry goes here")
+    p.add_argument("--push", action="store_true", help="upload each converted folder to its repo_id")
+    p.add_argument("--only", action="append", default=None, metavar="NAMES",
+                   help="comma-separated entry names to convert (repeatable)")
+    p.add_argument("--org", default=None, help="owner replacing {org} in repo ids (default: the manifest's org)")
+    done = p.add_mutually_exclusive_group()
+    done.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    done.add_argument("--skip-existing", action="store_true",
+                      help="keep output folders from an earlier run (and push them with --push)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the .pth files")
+    p.add_argument("--max-shard-size", default=None, help="shard size limit (default 5GB)")
+    p.add_argument("--private", action="store_true", help="create the repos private")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--create-pr", action="store_true", help="open pull requests instead of committing")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.set_defaults(func=_convert_all)
 
     p = sub.add_parser("build-kernels", help="compile the DCNv3 CPU (and CUDA) kernel into the local cache")
     p.add_argument("--cache-dir", default=None, help="kernel cache folder (default: $INTERNIMAGE_HF_KERNEL_CACHE "

@@ -4,6 +4,9 @@ Sources: official `.pth` files (`{"model": ...}`, `{"model_ema": ...}`, `{"modul
 OpenGVLab remote-code repo folders (`model.` prefix, `layer_scale1/2`, safetensors or `pytorch_model.bin`,
 sharded or not). The mapping is one ordered list of regex renames used everywhere (CLI, `from_pretrained` on an
 OpenGVLab repo), so there is a single definition of how official names translate.
+
+The full tool (variant detection, labels, model cards, verification, Hub download/upload, manifest batches) lives in
+`internimage_hf.conversion`; `convert()` here is its entry point.
 """
 
 from __future__ import annotations
@@ -88,8 +91,11 @@ def _format_keys(keys, limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_converted_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Strictly load a converted state dict: any missing or unexpected key, or wrong shape, is an error."""
+def load_converted_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           assign: bool = False) -> None:
+    """Strictly load a converted state dict: any missing or unexpected key, or wrong shape, is an error.
+
+    `assign=True` makes the tensors the model's parameters (for a model built on the meta device)."""
     expected = model.state_dict()
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
@@ -107,7 +113,7 @@ def load_converted_weights(model: torch.nn.Module, state_dict: Mapping[str, torc
         problems.append(f"shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
     if problems:
         raise ConversionError("Checkpoint does not fit this InternImage configuration: " + " | ".join(problems))
-    model.load_state_dict(dict(state_dict), strict=True)
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------- reading sources
@@ -115,7 +121,12 @@ def load_pth(path: str | os.PathLike, trust_pickle: bool = False, use_ema: bool 
     """Read an official `.pth` safely (weights_only unless `trust_pickle`) and return its model state dict."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        try:  # memory-map zip checkpoints: a 12 GB file need not be read into memory before it is converted
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)  # legacy format
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
     except Exception as error:  # unpickling errors have many types
@@ -147,27 +158,34 @@ def extract_state_dict(checkpoint, use_ema: bool = False, source: str = "checkpo
     return dict(state)
 
 
-def load_weights_folder(folder: str | os.PathLike) -> dict:
-    """All tensors of a saved model folder: model.safetensors / pytorch_model.bin, single or sharded."""
-    from safetensors.torch import load_file
-
+def weight_files(folder: str | os.PathLike) -> tuple[list[Path], str]:
+    """(weight files, "safetensors" | "bin") of a saved model folder, following a shard index when there is one."""
     folder = Path(folder)
     for index_name, loader in (("model.safetensors.index.json", "safetensors"),
                                ("pytorch_model.bin.index.json", "bin")):
         index_path = folder / index_name
         if index_path.is_file():
-            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-            break
-    else:
-        if (folder / "model.safetensors").is_file():
-            shards, loader = ["model.safetensors"], "safetensors"
-        elif (folder / "pytorch_model.bin").is_file():
-            shards, loader = ["pytorch_model.bin"], "bin"
-        else:
-            raise ConversionError(f"{folder} has no model.safetensors or pytorch_model.bin (sharded or not)")
+            try:
+                shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as error:
+                raise ConversionError(f"{index_path} is not a readable shard index: {error}") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise ConversionError(f"{index_path} lists shards that are not there: {_format_keys(missing)}")
+            return [folder / s for s in shards], loader
+    for name, loader in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+        if (folder / name).is_file():
+            return [folder / name], loader
+    raise ConversionError(f"{folder} has no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def load_weights_folder(folder: str | os.PathLike) -> dict:
+    """All tensors of a saved model folder: model.safetensors / pytorch_model.bin, single or sharded."""
+    from safetensors.torch import load_file
+
+    paths, loader = weight_files(folder)
     state = {}
-    for shard in shards:
-        path = folder / shard
+    for path in paths:
         try:
             if loader == "safetensors":
                 state.update(load_file(path))
@@ -195,25 +213,48 @@ def read_official_config(path: str | os.PathLike) -> InternImageConfig:
 
 # ---------------------------------------------------------------------------------------------- building models
 def model_from_official(state_dict: Mapping[str, torch.Tensor], config: InternImageConfig):
-    """An InternImageForImageClassification holding the official weights (strict)."""
-    from .labels import imagenet_labels
-    from .modeling_internimage import InternImageForImageClassification
+    """An InternImageForImageClassification holding the official weights (strict; head size and ImageNet names
+    follow the checkpoint's head)."""
+    from .conversion.pipeline import build_model, plan_conversion
 
-    head = state_dict.get("head.weight", state_dict.get("model.head.weight"))
-    if head is not None and head.shape[0] != config.num_labels:
-        config.num_labels = int(head.shape[0])
-    labels = imagenet_labels(config.num_labels)
-    if labels is not None and all(v.startswith("LABEL_") for v in config.id2label.values()):
-        config.id2label = labels
-        config.label2id = {v: k for k, v in labels.items()}
-    model = InternImageForImageClassification(config)
-    load_converted_weights(model, convert_official_state_dict(state_dict))
-    return model.eval()
+    converted = convert_official_state_dict(state_dict)
+    return build_model(plan_conversion(converted, config=config), converted)
+
+
+def check_saved_weights(folder: str | os.PathLike, model: torch.nn.Module) -> int:
+    """Re-read every saved tensor (shard by shard) and compare it bit for bit with the model. Returns the count."""
+    from safetensors import safe_open
+
+    expected = model.state_dict()
+    seen = set()
+    for path in weight_files(folder)[0]:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key not in expected or not torch.equal(handle.get_tensor(key), expected[key].detach().cpu()):
+                    raise ConversionError(f"saved tensor {key!r} in {path.name} differs from the converted model")
+                seen.add(key)
+    if seen != set(expected):
+        raise ConversionError(f"saved weights lack {_format_keys(set(expected) - seen)}")
+    return len(seen)
+
+
+def _publishable_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and transformers writes 0600 weights; give the output the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None = None,
-                    overwrite: bool = False) -> Path:
-    """save_pretrained (config, safetensors, preprocessor config) into a temp folder, then move it into place."""
+                    overwrite: bool = False, *, max_shard_size: str | int | None = None,
+                    card: str | None = None) -> Path:
+    """Write config, safetensors (sharded above `max_shard_size`), preprocessor config and the README card into
+    a temp folder next to `output_dir`, re-read the weights, then move the folder into place. On any failure the
+    temp folder is removed and an existing `output_dir` is untouched."""
+    from transformers.utils import logging as hf_logging
+
     from .processing import make_image_processor
 
     output_dir = Path(output_dir)
@@ -221,15 +262,34 @@ def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None
         raise ConversionError(f"{output_dir} already exists; choose another folder or pass --overwrite")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    old = None
+    bars = hf_logging.is_progress_bar_enabled()
     try:
-        model.save_pretrained(tmp)
+        save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        hf_logging.disable_progress_bar()  # the caller reports progress; no "Writing model shards" bar
+        try:
+            model.save_pretrained(tmp, **save_kwargs)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         make_image_processor(image_size or model.config.image_size).save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        check_saved_weights(tmp, model)
+        _publishable_permissions(tmp)
+        if output_dir.exists():  # keep the old folder until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            os.replace(output_dir, old / output_dir.name)
         os.replace(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / output_dir.name).exists() and not output_dir.exists():
+            os.replace(old / output_dir.name, output_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return output_dir
 
 
@@ -247,22 +307,18 @@ def load_official_source(source: str | os.PathLike, trust_pickle: bool = False,
 
 def convert(source: str | os.PathLike, output_dir: str | os.PathLike, variant: str | None = None,
             official_config: str | os.PathLike | None = None, overwrite: bool = False,
-            trust_pickle: bool = False, use_ema: bool = False) -> Path:
-    """Convert an official checkpoint into a `save_pretrained` folder. Returns the folder."""
-    if variant and official_config:
-        raise ConversionError("Give either --variant or --official-config, not both")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:  # fail before the (possibly long) load
-        raise ConversionError(f"{output_dir} already exists; choose another folder or pass --overwrite")
-    state_dict, config = load_official_source(source, trust_pickle=trust_pickle, use_ema=use_ema)
-    if official_config:
-        config = read_official_config(official_config)
-    elif variant:
-        config = InternImageConfig.from_variant(variant)
-    if config is None:
-        raise ConversionError(f"{source}: pass --variant NAME or --official-config FILE to say which model it is")
-    model = model_from_official(state_dict, config)
-    return save_atomically(model, output_dir, overwrite=overwrite)
+            trust_pickle: bool = False, use_ema: bool = False, **options) -> Path:
+    """Convert an official checkpoint into a `save_pretrained` folder (with model card). Returns the folder.
+
+    The variant is detected from the weights unless `variant` / `official_config` say otherwise; `options` are
+    those of `internimage_hf.conversion.pipeline.convert_checkpoint` (labels, image_size, expected, tolerance,
+    max_shard_size, model_id, release, ...).
+    """
+    from .conversion.pipeline import convert_checkpoint
+
+    return convert_checkpoint(source, output_dir, variant=variant, official_config=official_config,
+                              overwrite=overwrite, trust_pickle=trust_pickle, use_ema=use_ema,
+                              **options).output_dir
 
 
 # ---------------------------------------------------------------------------------------------- OpenGVLab repos
