@@ -65,7 +65,11 @@ def dcnv3_core(
 def _exporting() -> bool:
     """ONNX/torch.export use the reference path: it is made of standard ops every exporter knows."""
     onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+    if onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export():
+        return True  # torch.onnx.export, TorchScript-based or dynamo-based (the latter sets it too)
+    # torch.export.export (which sets no ONNX flag) and the exporters built on it.
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 class DCNv3Core(nn.Module):
