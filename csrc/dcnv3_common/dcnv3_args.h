@@ -45,7 +45,9 @@ inline Shape check_args(const at::Tensor& input, const at::Tensor& offset, const
   s.C = input.size(3);
   TORCH_CHECK(s.C == group * group_channels, "DCNv3: input has ", s.C, " channels but group * group_channels = ",
               group * group_channels);
-  TORCH_CHECK(s.H <= kIntMax && s.W <= kIntMax, "DCNv3: spatial size too large");
+  TORCH_CHECK(s.H <= kIntMax && s.W <= kIntMax && s.H * s.W <= std::numeric_limits<int32_t>::max() &&
+                  s.C <= std::numeric_limits<int32_t>::max(),
+              "DCNv3: input too large (needs H * W < 2^31 and C < 2^31)");
   s.G = group;
   s.Cg = group_channels;
   s.Ho = output_size(s.H, kernel_h, stride_h, pad_h, dilation_h);

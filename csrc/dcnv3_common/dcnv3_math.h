@@ -56,16 +56,20 @@ DCNV3_HD float f32_div(float a, float b) {
 }
 
 #if defined(__CUDA_ARCH__)
-DCNV3_HD float floor_t(float x) { return floorf(x); }
-DCNV3_HD double floor_t(double x) { return floor(x); }
 DCNV3_HD float fma_t(float a, float b, float c) { return fmaf(a, b, c); }
 DCNV3_HD double fma_t(double a, double b, double c) { return fma(a, b, c); }
 #else
-DCNV3_HD float floor_t(float x) { return std::floor(x); }
-DCNV3_HD double floor_t(double x) { return std::floor(x); }
 DCNV3_HD float fma_t(float a, float b, float c) { return std::fma(a, b, c); }
 DCNV3_HD double fma_t(double a, double b, double c) { return std::fma(a, b, c); }
 #endif
+
+// floor() of |x| < 2^31 as an integer, through truncation: exact, and (unlike std::floor without
+// -fno-trapping-math, or a conditional floating-point subtraction) it compiles to vector instructions on the CPU.
+template <typename T>
+DCNV3_HD int32_t floor_int(T x) {
+  const int32_t t = static_cast<int32_t>(x);
+  return t - static_cast<int32_t>(x < static_cast<T>(t));
+}
 
 // Output length of one spatial axis, as in a convolution.
 DCNV3_HD int64_t output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
@@ -118,45 +122,74 @@ DCNV3_HD T padded_coord(float base, T offset, T offset_scale, T padded_size) {
 }
 
 // The 2x2 neighbourhood of a sampling point. Corner k: x = x0 + (k & 1), y = y0 + (k >> 1), in unpadded input
-// coordinates; corners outside the image read as zero.
+// coordinates; corners outside the image read as zero. `flags` says which columns / rows lie inside the image:
+// bit 0: x0, bit 1: x0 + 1, bit 2: y0, bit 3: y0 + 1 (so kAllValid = every corner inside).
 template <typename T>
 struct Corners {
-  int64_t x0, y0;
-  T fx, fy;           // position inside the cell, in [0, 1)
-  bool vx0, vx1, vy0, vy1;  // which columns / rows lie inside the image
+  int32_t x0, y0;
+  int32_t flags;
+  T fx, fy;  // position inside the cell, in [0, 1)
 
-  DCNV3_HD bool all_valid() const { return vx0 && vx1 && vy0 && vy1; }
-  DCNV3_HD bool valid(int k) const { return ((k & 1) ? vx1 : vx0) && ((k >> 1) ? vy1 : vy0); }
+  static constexpr int32_t kAllValid = 15;
+  DCNV3_HD bool vx0() const { return flags & 1; }
+  DCNV3_HD bool vx1() const { return (flags >> 1) & 1; }
+  DCNV3_HD bool vy0() const { return (flags >> 2) & 1; }
+  DCNV3_HD bool vy1() const { return (flags >> 3) & 1; }
+  DCNV3_HD bool any_valid() const { return (flags & 3) && (flags & 12); }
+  DCNV3_HD bool valid(int k) const { return ((flags >> (k & 1)) & 1) && ((flags >> (2 + (k >> 1))) & 1); }
   // Pixel index (y * W + x) of corner k; only meaningful when valid(k).
-  DCNV3_HD int64_t pixel(int k, int64_t width) const { return (y0 + (k >> 1)) * width + x0 + (k & 1); }
+  DCNV3_HD int64_t pixel(int k, int64_t width) const {
+    return (static_cast<int64_t>(y0) + (k >> 1)) * width + x0 + (k & 1);
+  }
 };
 
-// Locate padded coordinates (u, v) in an H x W image padded by (pad_h, pad_w). Returns false when no corner lies
-// inside the image (the sample and all its derivatives are zero); this also rejects NaN coordinates and keeps the
-// float -> integer conversion in range for arbitrarily large offsets. Per-corner bounds match grid_sample's.
+// Locate padded coordinates (u, v) in an H x W image padded by (pad_h, pad_w); per-corner bounds as grid_sample's.
+// Branch-free (the CPU kernel runs it as a vector loop over many points): coordinates farther out than one pixel
+// beyond the image, and NaN, are first clamped to two pixels outside, which leaves every corner outside as before
+// and keeps the float -> int conversion in range for arbitrarily large offsets. Spatial sizes are < 2^29.
 template <typename T>
-DCNV3_HD bool locate(T u, T v, int64_t pad_w, int64_t pad_h, int64_t width, int64_t height, Corners<T>& c) {
-  if (!(u >= T(pad_w - 1) && u < T(pad_w + width) && v >= T(pad_h - 1) && v < T(pad_h + height))) return false;
-  const T xf = floor_t(u);
-  const T yf = floor_t(v);
-  c.fx = u - xf;
-  c.fy = v - yf;
-  c.x0 = static_cast<int64_t>(xf) - pad_w;
-  c.y0 = static_cast<int64_t>(yf) - pad_h;
-  c.vx0 = c.x0 >= 0;
-  c.vx1 = c.x0 + 1 < width;
-  c.vy0 = c.y0 >= 0;
-  c.vy1 = c.y0 + 1 < height;
-  return true;
+DCNV3_HD void locate(T u, T v, int64_t pad_w, int64_t pad_h, int64_t width, int64_t height, Corners<T>& c) {
+  const T u_lo = T(pad_w - 2), u_hi = T(pad_w + width + 1);
+  const T v_lo = T(pad_h - 2), v_hi = T(pad_h + height + 1);
+  u = u >= u_lo ? u : u_lo;  // NaN compares false: clamped too
+  u = u <= u_hi ? u : u_hi;
+  v = v >= v_lo ? v : v_lo;
+  v = v <= v_hi ? v : v_hi;
+  const int32_t xf = floor_int(u);
+  const int32_t yf = floor_int(v);
+  c.fx = u - static_cast<T>(xf);
+  c.fy = v - static_cast<T>(yf);
+  c.x0 = xf - static_cast<int32_t>(pad_w);
+  c.y0 = yf - static_cast<int32_t>(pad_h);
+  const int32_t w = static_cast<int32_t>(width), h = static_cast<int32_t>(height);
+  // Bitwise (not short-circuit) logic, so that no branch is generated.
+  const int32_t vx0 = static_cast<int32_t>(c.x0 >= 0) & static_cast<int32_t>(c.x0 < w);
+  const int32_t vx1 = static_cast<int32_t>(c.x0 >= -1) & static_cast<int32_t>(c.x0 + 1 < w);
+  const int32_t vy0 = static_cast<int32_t>(c.y0 >= 0) & static_cast<int32_t>(c.y0 < h);
+  const int32_t vy1 = static_cast<int32_t>(c.y0 >= -1) & static_cast<int32_t>(c.y0 + 1 < h);
+  c.flags = vx0 | (vx1 << 1) | (vy0 << 2) | (vy1 << 3);
 }
 
-// Bilinear weights of the four corners, zero for corners outside the image.
+// A corner coordinate clamped into [0, size): the CPU kernel reads every corner from a clamped address (always
+// inside the image) and discards out-of-image corners with the flags, so that it needs no branches.
+DCNV3_HD int32_t clamp_index(int32_t i, int32_t size) {
+  i = i < size ? i : size - 1;
+  return i > 0 ? i : 0;
+}
+
+// Bilinear weights of the four corners, zero for corners outside the image. (Arithmetic on the validity bits rather
+// than selects, so that the CPU location pass vectorises; fx and fy are always finite, so 0 * x is 0.)
+template <typename T>
+DCNV3_HD T flag_bit(int32_t flags, int bit) {
+  return static_cast<T>((flags >> bit) & 1);
+}
+
 template <typename T>
 DCNV3_HD void bilinear_weights(const Corners<T>& c, T w[4]) {
-  const T ax0 = c.vx0 ? T(1) - c.fx : T(0);
-  const T ax1 = c.vx1 ? c.fx : T(0);
-  const T ay0 = c.vy0 ? T(1) - c.fy : T(0);
-  const T ay1 = c.vy1 ? c.fy : T(0);
+  const T ax0 = flag_bit<T>(c.flags, 0) * (T(1) - c.fx);
+  const T ax1 = flag_bit<T>(c.flags, 1) * c.fx;
+  const T ay0 = flag_bit<T>(c.flags, 2) * (T(1) - c.fy);
+  const T ay1 = flag_bit<T>(c.flags, 3) * c.fy;
   w[0] = ay0 * ax0;
   w[1] = ay0 * ax1;
   w[2] = ay1 * ax0;
@@ -167,22 +200,18 @@ DCNV3_HD void bilinear_weights(const Corners<T>& c, T w[4]) {
 // sample = sum_k w[k] * value[k], d sample / du = sum_k du[k] * value[k], d sample / dv = sum_k dv[k] * value[k].
 template <typename T>
 DCNV3_HD void bilinear_derivatives(const Corners<T>& c, T du[4], T dv[4]) {
-  const T ax0 = c.vx0 ? T(1) - c.fx : T(0);
-  const T ax1 = c.vx1 ? c.fx : T(0);
-  const T ay0 = c.vy0 ? T(1) - c.fy : T(0);
-  const T ay1 = c.vy1 ? c.fy : T(0);
-  const T sx0 = c.vx0 ? T(-1) : T(0);
-  const T sx1 = c.vx1 ? T(1) : T(0);
-  const T sy0 = c.vy0 ? T(-1) : T(0);
-  const T sy1 = c.vy1 ? T(1) : T(0);
-  du[0] = ay0 * sx0;
-  du[1] = ay0 * sx1;
-  du[2] = ay1 * sx0;
-  du[3] = ay1 * sx1;
-  dv[0] = sy0 * ax0;
-  dv[1] = sy0 * ax1;
-  dv[2] = sy1 * ax0;
-  dv[3] = sy1 * ax1;
+  const T bx0 = flag_bit<T>(c.flags, 0), bx1 = flag_bit<T>(c.flags, 1);
+  const T by0 = flag_bit<T>(c.flags, 2), by1 = flag_bit<T>(c.flags, 3);
+  const T ax0 = bx0 * (T(1) - c.fx), ax1 = bx1 * c.fx;
+  const T ay0 = by0 * (T(1) - c.fy), ay1 = by1 * c.fy;
+  du[0] = -ay0 * bx0;
+  du[1] = ay0 * bx1;
+  du[2] = -ay1 * bx0;
+  du[3] = ay1 * bx1;
+  dv[0] = -by0 * ax0;
+  dv[1] = -by0 * ax1;
+  dv[2] = by1 * ax0;
+  dv[3] = by1 * ax1;
 }
 
 // Gradients of one sampling point from the four dot products dot[k] = sum_c grad_out[c] * value[k][c]:

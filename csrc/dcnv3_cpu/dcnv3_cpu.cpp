@@ -51,24 +51,27 @@ namespace {
 #endif
 
 template <typename S>
-using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, int64_t, int64_t);
+using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, const Points<acc_t<S>>&,
+                           int64_t, int64_t);
 template <typename S>
-using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const S*, acc_t<S>*, S*, S*, acc_t<S>*,
-                            int64_t, int64_t, int64_t, int64_t);
+using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const S*, acc_t<S>*, S*, S*,
+                            const RunScratch<S>&, int64_t, int64_t, int64_t, int64_t);
 
-#define DCNV3_DEFINE_VARIANT(NS, TARGET)                                                                        \
+#define DCNV3_DEFINE_VARIANT(NS, TARGET, VB)                                                                      \
   namespace NS {                                                                                                \
   template <typename S, int CG>                                                                                 \
   TARGET DCNV3_NOINLINE void forward(const Problem& pb, const S* input, const S* offset, const S* mask,        \
-                                     S* output, acc_t<S>* scratch, int64_t begin, int64_t end) {                \
-    forward_pixels<S, CG>(pb, input, offset, mask, output, scratch, begin, end);                                \
+                                     S* output, acc_t<S>* scratch, const Points<acc_t<S>>& pts, int64_t begin,  \
+                                     int64_t end) {                                                             \
+    forward_pixels<S, CG, VB>(pb, input, offset, mask, output, scratch, pts, begin, end);                       \
   }                                                                                                             \
   template <typename S, int CG>                                                                                 \
   TARGET DCNV3_NOINLINE void backward(const Problem& pb, const S* grad_output, const S* input, const S* offset, \
                                       const S* mask, acc_t<S>* grad_input, S* grad_offset, S* grad_mask,        \
-                                      acc_t<S>* go_scratch, int64_t n, int64_t g, int64_t begin, int64_t end) { \
-    backward_task<S, CG>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask, go_scratch,  \
-                         n, g, begin, end);                                                                     \
+                                      const RunScratch<S>& rs, int64_t n, int64_t g, int64_t begin,             \
+                                      int64_t end) {                                                            \
+    backward_task<S, CG, VB>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask, rs, n, g,\
+                         begin, end);                                                                           \
   }                                                                                                             \
   template <typename S>                                                                                         \
   ForwardFn<S> pick_forward(int64_t cg) {                                                                       \
@@ -84,10 +87,10 @@ using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const 
   }                                                                                                             \
   }
 
-DCNV3_DEFINE_VARIANT(portable, )
+DCNV3_DEFINE_VARIANT(portable, , 16)
 #if DCNV3_X86_VARIANTS
-DCNV3_DEFINE_VARIANT(avx2, DCNV3_TARGET_AVX2)
-DCNV3_DEFINE_VARIANT(avx512, DCNV3_TARGET_AVX512)
+DCNV3_DEFINE_VARIANT(avx2, DCNV3_TARGET_AVX2, 32)
+DCNV3_DEFINE_VARIANT(avx512, DCNV3_TARGET_AVX512, 64)
 #endif
 
 int detect_isa() {
@@ -150,10 +153,17 @@ BackwardFn<S> backward_kernel(int64_t cg) {
   return portable::pick_backward<S>(cg);
 }
 
-// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P).
+// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P), and both repeated for every
+// group: base_x_groups (Wo, G, P), base_y_groups (Ho, G, P).
+struct Bases {
+  std::vector<float> x, y, x_groups, y_groups;
+};
+
 void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                 int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, double offset_scale,
-                bool remove_center, std::vector<float>& base_x, std::vector<float>& base_y) {
+                bool remove_center, Bases& bases) {
+  std::vector<float>& base_x = bases.x;
+  std::vector<float>& base_y = bases.y;
   const float scale = static_cast<float>(offset_scale);
   base_x.resize(s.Wo * s.P);
   base_y.resize(s.Ho * s.P);
@@ -168,10 +178,17 @@ void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stri
       base_y[ho * s.P + p] = sampling_base(ho, tap_y, static_cast<int>(kernel_h), static_cast<int>(stride_h),
                                            static_cast<int>(dilation_h), s.H + 2 * pad_h, scale);
   }
+  const int64_t gp = s.G * s.P;
+  bases.x_groups.resize(s.Wo * gp);
+  bases.y_groups.resize(s.Ho * gp);
+  for (int64_t g = 0; g < s.G; ++g)
+    for (int64_t p = 0; p < s.P; ++p) {
+      for (int64_t wo = 0; wo < s.Wo; ++wo) bases.x_groups[wo * gp + g * s.P + p] = base_x[wo * s.P + p];
+      for (int64_t ho = 0; ho < s.Ho; ++ho) bases.y_groups[ho * gp + g * s.P + p] = base_y[ho * s.P + p];
+    }
 }
 
-Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale,
-                     const std::vector<float>& base_x, const std::vector<float>& base_y) {
+Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale, const Bases& bases) {
   Problem pb;
   pb.N = s.N;
   pb.H = s.H;
@@ -185,8 +202,10 @@ Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset
   pb.pad_h = pad_h;
   pb.pad_w = pad_w;
   pb.offset_scale = offset_scale;
-  pb.base_x = base_x.data();
-  pb.base_y = base_y.data();
+  pb.base_x = bases.x.data();
+  pb.base_y = bases.y.data();
+  pb.base_x_groups = bases.x_groups.data();
+  pb.base_y_groups = bases.y_groups.data();
   return pb;
 }
 
@@ -221,7 +240,8 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_pixel));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(std::is_same<S, A>::value ? 0 : pb.C);
-    fn(pb, in, off, msk, out, scratch.data(), begin, end);
+    std::vector<char> points(points_bytes<A>(pb.G * pb.P));
+    fn(pb, in, off, msk, out, scratch.data(), carve_points<A>(points.data(), pb.G * pb.P), begin, end);
   });
 }
 
@@ -234,10 +254,10 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
   const BackwardFn<S> fn = backward_kernel<S>(pb.Cg);
   const int64_t pairs = pb.N * pb.G;
   const int64_t threads = at::get_num_threads();
-  const int64_t pixels = pb.Ho * pb.Wo;
-  // Slices per (image, group): 1 unless that leaves threads idle.
+  const int64_t rows = pb.Ho;
+  // Slices (of output rows) per (image, group): 1 unless that leaves threads idle.
   int64_t slices = 1;
-  if (pairs < threads) slices = std::min<int64_t>((threads + pairs - 1) / pairs, pixels);
+  if (pairs < threads) slices = std::min<int64_t>((threads + pairs - 1) / pairs, rows);
   slices = std::max<int64_t>(slices, 1);
 
   const auto acc_dtype = kDirect ? input.scalar_type() : at::kFloat;
@@ -258,16 +278,41 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
   S* goff = mptr<S>(grad_offset);
   S* gmsk = mptr<S>(grad_mask);
   const int64_t tasks = pairs * slices;
+  const int64_t run_points = kBackwardPixels * pb.P;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(kDirect ? 0 : pb.Cg);
+    std::vector<S> run_off(run_points * 2), run_msk(run_points);
+    std::vector<float> run_by(run_points);
+    std::vector<A> go_scratch(pb.Cg);
+    std::vector<char> points(points_bytes<A>(run_points));
+    RunScratch<S> rs;
+    rs.off = run_off.data();
+    rs.msk = run_msk.data();
+    rs.by = run_by.data();
+    rs.go = go_scratch.data();
+    rs.pts = carve_points<A>(points.data(), run_points);
+    if (slices == 1) {
+      // This thread owns the (image, group) pairs [begin, end). Pairs of one image are walked row by row, all of
+      // its groups per row, so that a row's offsets and masks are still in cache for the next group. Each grad_input
+      // element still receives its contributions in the same (row) order: the result does not depend on threads.
+      for (int64_t pair = begin; pair < end;) {
+        const int64_t n = pair / pb.G;
+        const int64_t g_first = pair - n * pb.G;
+        const int64_t g_last = std::min<int64_t>(pb.G, g_first + (end - pair));  // exclusive
+        for (int64_t ho = 0; ho < rows; ++ho)
+          for (int64_t g = g_first; g < g_last; ++g)
+            fn(pb, go, in, off, msk, target, goff, gmsk, rs, n, g, ho, ho + 1);
+        pair += g_last - g_first;
+      }
+      return;
+    }
     for (int64_t t = begin; t < end; ++t) {
       const int64_t slice = t % slices;
       const int64_t pair = t / slices;
       const int64_t n = pair / pb.G;
       const int64_t g = pair - n * pb.G;
-      const int64_t first = pixels * slice / slices;
-      const int64_t last = pixels * (slice + 1) / slices;
-      fn(pb, go, in, off, msk, target + slice * image_elems, goff, gmsk, scratch.data(), n, g, first, last);
+      const int64_t first = rows * slice / slices;
+      const int64_t last = rows * (slice + 1) / slices;
+      fn(pb, go, in, off, msk, target + slice * image_elems, goff, gmsk, rs, n, g, first, last);
     }
   });
   if (buffer.defined()) {
@@ -294,10 +339,10 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   const at::Tensor mask = mask_.contiguous();
   at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
   if (output.numel() == 0) return output;
-  std::vector<float> base_x, base_y;
+  cpu::Bases bases;
   cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
-                  remove_center != 0, base_x, base_y);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, base_x, base_y);
+                  remove_center != 0, bases);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, bases);
   switch (input.scalar_type()) {
     case at::kDouble:
       cpu::run_forward<double>(pb, input, offset, mask, output);
@@ -337,10 +382,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     grad_mask.zero_();
     return {grad_input, grad_offset, grad_mask};
   }
-  std::vector<float> base_x, base_y;
+  cpu::Bases bases;
   cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
-                  remove_center != 0, base_x, base_y);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, base_x, base_y);
+                  remove_center != 0, bases);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, bases);
   switch (input.scalar_type()) {
     case at::kDouble:
       cpu::run_backward<double>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);

@@ -1,6 +1,14 @@
-// DCNv3 CPU kernels on raw pointers (no torch headers): one output pixel (forward) or one (image, group, pixel range)
-// task (backward) at a time, vectorised over the channels of a group. The scheduling (threads, instruction-set
-// variants, buffers) lives in dcnv3_cpu.cpp; the per-sample math lives in dcnv3_common/dcnv3_math.h.
+// DCNv3 CPU kernels on raw pointers (no torch headers). The scheduling (threads, instruction-set variants, buffers)
+// lives in dcnv3_cpu.cpp; the per-sample math lives in dcnv3_common/dcnv3_math.h.
+//
+// Two passes per block of sampling points:
+// 1. locate_points: a branch-free vector loop over many points (all G*P points of an output pixel in the forward,
+//    the P points of a run of pixels of one group in the backward) computing, with the shared math, each point's
+//    four corner addresses (clamped into the image), which corners lie inside, the bilinear weights, weights * mask,
+//    and what the backward needs for the derivatives. Offsets and masks are read once per (pixel, group, point).
+// 2. the channel pass: per point, four corner rows of the group's Cg contiguous channels, combined with vector
+//    instructions. For the group widths of the released models (16, 32) a group is one vector value (GCC/Clang
+//    vector extensions) held in registers; other widths use plain loops.
 //
 // Every function here is force-inlined so that the instruction-set specific wrappers in dcnv3_cpu.cpp (AVX2,
 // AVX-512) compile the whole loop nest for their target.
@@ -24,13 +32,19 @@
 #define DCNV3_RESTRICT
 #endif
 
+#if defined(__clang__)
+#define DCNV3_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define DCNV3_IVDEP _Pragma("GCC ivdep")
+#else
+#define DCNV3_IVDEP
+#endif
+
 namespace internimage_dcnv3 {
 namespace cpu {
 
-// bfloat16 as stored by torch (layout-compatible with c10::BFloat16).
-struct bf16 {
-  uint16_t bits;
-};
+// bfloat16 as stored by torch (the bits of c10::BFloat16). A plain integer type, so that loops over it vectorise.
+using bf16 = uint16_t;
 
 template <typename S>
 struct Acc {
@@ -46,7 +60,7 @@ using acc_t = typename Acc<S>::type;
 DCNV3_CPU_INLINE float load(float v) { return v; }
 DCNV3_CPU_INLINE double load(double v) { return v; }
 DCNV3_CPU_INLINE float load(bf16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
@@ -58,65 +72,353 @@ DCNV3_CPU_INLINE void store(float v, bf16& dst) {  // round to nearest even, NaN
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
   if (v != v) {
-    dst.bits = 0x7FC0;
+    dst = 0x7FC0;
     return;
   }
   bits += 0x7FFFu + ((bits >> 16) & 1u);
-  dst.bits = static_cast<uint16_t>(bits >> 16);
+  dst = static_cast<uint16_t>(bits >> 16);
 }
 
 // Geometry of one call. base_x[wo * P + p] / base_y[ho * P + p] hold the fixed float32 part of every sampling
-// location (sampling_base), computed once per call.
+// location (sampling_base), computed once per call; base_x_groups / base_y_groups repeat them for every group
+// ([wo * G * P + g * P + p]) so that the G * P points of a pixel form one flat vector loop.
 struct Problem {
   int64_t N, H, W, C, G, Cg, Ho, Wo, P;
   int64_t pad_h, pad_w;
   double offset_scale;
   const float* base_x;
   const float* base_y;
+  const float* base_x_groups;
+  const float* base_y_groups;
 };
 
-// Width of the lane arrays used for channel reductions: partial sums are kept per lane (a fixed, deterministic
-// order that the compiler maps onto vector registers) and folded at the end.
+// ---------------------------------------------------------------------------------------------------------------
+// Pass 1: locating points
+// ---------------------------------------------------------------------------------------------------------------
+
+// Per-point results (structure of arrays). Corner k = (y0 + (k >> 1), x0 + (k & 1)).
 template <typename A>
-struct Lanes {
-  static constexpr int value = 32 / sizeof(A);
+struct Points {
+  int32_t* px[4];    // pixel index y * W + x of the corner, with x, y clamped into the image (H * W < 2^31)
+  int32_t* keep[4];  // -1 if the corner lies inside the image, else 0 (then its clamped row is read but dropped)
+  A* w[4];           // bilinear weights, 0 outside the image
+  A* wm[4];          // w * mask
+  A* m;
+  A* fx;
+  A* fy;
+  int32_t* flags;    // as Corners::flags
 };
 
-template <typename A, int L>
-DCNV3_CPU_INLINE A fold_lanes(A (&lanes)[L]) {
-  for (int width = L / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-  return lanes[0];
+constexpr int64_t kPointBytesFloat = 4 * 4 + 4 * 4 + 11 * 4 + 4;
+constexpr int64_t kPointBytesDouble = 4 * 4 + 4 * 4 + 11 * 8 + 4;
+
+// Bytes of scratch for `count` points (64-byte aligned arrays).
+template <typename A>
+constexpr int64_t points_bytes(int64_t count) {
+  const int64_t padded = (count + 15) / 16 * 16;
+  return padded * (sizeof(A) == 8 ? kPointBytesDouble : kPointBytesFloat) + 64;
+}
+
+template <typename A>
+inline Points<A> carve_points(void* scratch, int64_t count) {
+  const int64_t padded = (count + 15) / 16 * 16;
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch) + 63) / 64 * 64);
+  Points<A> pts;
+  auto take = [&](auto*& field, int64_t elem) {
+    field = reinterpret_cast<std::remove_reference_t<decltype(field)>>(p);
+    p += padded * elem;
+  };
+  for (int k = 0; k < 4; ++k) take(pts.px[k], 4);
+  for (int k = 0; k < 4; ++k) take(pts.w[k], sizeof(A));
+  for (int k = 0; k < 4; ++k) take(pts.wm[k], sizeof(A));
+  take(pts.m, sizeof(A));
+  take(pts.fx, sizeof(A));
+  take(pts.fy, sizeof(A));
+  for (int k = 0; k < 4; ++k) take(pts.keep[k], 4);
+  take(pts.flags, 4);
+  return pts;
+}
+
+// Locate `count` points: bx/by the fixed parts, off the (dx, dy) pairs, msk the masks, all contiguous. Branch-free,
+// so that the compiler turns it into a vector loop.
+template <typename S>
+DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const float* DCNV3_RESTRICT bx,
+                                    const float* DCNV3_RESTRICT by, const S* DCNV3_RESTRICT off,
+                                    const S* DCNV3_RESTRICT msk, const Points<acc_t<S>>& pts) {
+  using A = acc_t<S>;
+  const A scale = static_cast<A>(pb.offset_scale);
+  const A w_pad = static_cast<A>(pb.W + 2 * pb.pad_w);
+  const A h_pad = static_cast<A>(pb.H + 2 * pb.pad_h);
+  const int32_t W = static_cast<int32_t>(pb.W), H = static_cast<int32_t>(pb.H);
+  int32_t* DCNV3_RESTRICT p0 = pts.px[0];
+  int32_t* DCNV3_RESTRICT p1 = pts.px[1];
+  int32_t* DCNV3_RESTRICT p2 = pts.px[2];
+  int32_t* DCNV3_RESTRICT p3 = pts.px[3];
+  int32_t* DCNV3_RESTRICT k0 = pts.keep[0];
+  int32_t* DCNV3_RESTRICT k1 = pts.keep[1];
+  int32_t* DCNV3_RESTRICT k2 = pts.keep[2];
+  int32_t* DCNV3_RESTRICT k3 = pts.keep[3];
+  A* DCNV3_RESTRICT w0 = pts.w[0];
+  A* DCNV3_RESTRICT w1 = pts.w[1];
+  A* DCNV3_RESTRICT w2 = pts.w[2];
+  A* DCNV3_RESTRICT w3 = pts.w[3];
+  A* DCNV3_RESTRICT wm0 = pts.wm[0];
+  A* DCNV3_RESTRICT wm1 = pts.wm[1];
+  A* DCNV3_RESTRICT wm2 = pts.wm[2];
+  A* DCNV3_RESTRICT wm3 = pts.wm[3];
+  A* DCNV3_RESTRICT mm = pts.m;
+  A* DCNV3_RESTRICT fx = pts.fx;
+  A* DCNV3_RESTRICT fy = pts.fy;
+  int32_t* DCNV3_RESTRICT flags = pts.flags;
+  DCNV3_IVDEP
+  for (int64_t j = 0; j < count; ++j) {
+    const A u = padded_coord<A>(bx[j], load(off[2 * j]), scale, w_pad);
+    const A v = padded_coord<A>(by[j], load(off[2 * j + 1]), scale, h_pad);
+    Corners<A> c;
+    locate<A>(u, v, pb.pad_w, pb.pad_h, pb.W, pb.H, c);
+    A w[4];
+    bilinear_weights<A>(c, w);
+    const A m = load(msk[j]);
+    // (int64 stores here would keep GCC from vectorising the loop: element offsets are formed in pass 2.)
+    const int32_t xa = clamp_index(c.x0, W), xb = clamp_index(c.x0 + 1, W);
+    const int32_t ra = clamp_index(c.y0, H) * W, rb = clamp_index(c.y0 + 1, H) * W;
+    p0[j] = ra + xa;
+    p1[j] = ra + xb;
+    p2[j] = rb + xa;
+    p3[j] = rb + xb;
+    k0[j] = -static_cast<int32_t>((c.flags & 5) == 5);
+    k1[j] = -static_cast<int32_t>((c.flags & 6) == 6);
+    k2[j] = -static_cast<int32_t>((c.flags & 9) == 9);
+    k3[j] = -static_cast<int32_t>((c.flags & 10) == 10);
+    w0[j] = w[0];
+    w1[j] = w[1];
+    w2[j] = w[2];
+    w3[j] = w[3];
+    wm0[j] = w[0] * m;
+    wm1[j] = w[1] * m;
+    wm2[j] = w[2] * m;
+    wm3[j] = w[3] * m;
+    mm[j] = m;
+    fx[j] = c.fx;
+    fy[j] = c.fy;
+    flags[j] = c.flags;
+  }
+}
+
+template <typename A>
+DCNV3_CPU_INLINE Corners<A> corners_at(const Points<A>& pts, int64_t j) {
+  Corners<A> c;
+  c.x0 = c.y0 = 0;  // not kept: addresses come from pts.px
+  c.flags = pts.flags[j];
+  c.fx = pts.fx[j];
+  c.fy = pts.fy[j];
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward: output pixels [begin, end) of the flattened (N, Ho, Wo) range. scratch: C accumulators (used when the
-// storage type is not the accumulation type, i.e. bfloat16).
+// A group of CG channels held in registers as K native vectors of W lanes (GCC/Clang vector extensions). VB, the
+// native vector width in bytes, comes from the instruction-set variant (16 portable, 32 AVX2, 64 AVX-512), so that
+// the compiler never has to split wider-than-native vectors (which it does poorly).
 // ---------------------------------------------------------------------------------------------------------------
-template <typename S, int CG>
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(DCNV3_NO_VECTOR_EXTENSIONS)
+#define DCNV3_VECTOR_EXTENSIONS 1
+template <typename T, int N>
+struct VecOf {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+template <typename T, int N>
+using Vec = typename VecOf<T, N>::type;
+
+template <typename T, int CG, int VB>
+struct Group {
+  static constexpr int W = (static_cast<int>(VB / sizeof(T)) < CG) ? static_cast<int>(VB / sizeof(T)) : CG;
+  static constexpr int K = CG / W;
+  static_assert(CG % W == 0, "group width must be a multiple of the vector width");
+  Vec<T, W> c[K];
+};
+
+template <int W>
+DCNV3_CPU_INLINE Vec<float, W> vload(const float* p) {
+  Vec<float, W> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+DCNV3_CPU_INLINE Vec<double, W> vload(const double* p) {
+  Vec<double, W> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+DCNV3_CPU_INLINE Vec<float, W> vload(const bf16* p) {
+  Vec<uint16_t, W> h;
+  std::memcpy(&h, p, sizeof(h));
+  const Vec<uint32_t, W> bits = __builtin_convertvector(h, Vec<uint32_t, W>) << 16;
+  Vec<float, W> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+template <int W>
+DCNV3_CPU_INLINE void vstore(float* p, Vec<float, W> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <int W>
+DCNV3_CPU_INLINE void vstore(double* p, Vec<double, W> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <int W>
+DCNV3_CPU_INLINE void vstore(bf16* p, Vec<float, W> v) {  // round to nearest even, NaN -> 0x7FC0, as store()
+  Vec<uint32_t, W> bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const Vec<uint32_t, W> rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const Vec<int32_t, W> is_nan = v != v;
+  const Vec<uint32_t, W> out = is_nan ? Vec<uint32_t, W>{} + 0x7FC0u : rounded;
+  const Vec<uint16_t, W> h = __builtin_convertvector(out, Vec<uint16_t, W>);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+template <typename A, int CG, int VB, typename S>
+DCNV3_CPU_INLINE Group<A, CG, VB> gload(const S* p) {
+  using G = Group<A, CG, VB>;
+  G g;
+  for (int k = 0; k < G::K; ++k) g.c[k] = vload<G::W>(p + k * G::W);
+  return g;
+}
+
+template <typename A, int CG, int VB, typename S>
+DCNV3_CPU_INLINE void gstore(S* p, const Group<A, CG, VB>& g) {
+  using G = Group<A, CG, VB>;
+  for (int k = 0; k < G::K; ++k) vstore<G::W>(p + k * G::W, g.c[k]);
+}
+
+// x where keep == -1, zeros where keep == 0 (bitwise, so that non-finite values read from a clamped address of an
+// out-of-image corner vanish too).
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE Group<A, CG, VB> keep_if(Group<A, CG, VB> x, int32_t keep) {
+  using G = Group<A, CG, VB>;
+  using I = typename std::conditional<sizeof(A) == 8, int64_t, int32_t>::type;
+  for (int k = 0; k < G::K; ++k) {
+    Vec<I, G::W> bits;
+    std::memcpy(&bits, &x.c[k], sizeof(bits));
+    bits &= static_cast<I>(keep);
+    std::memcpy(&x.c[k], &bits, sizeof(bits));
+  }
+  return x;
+}
+
+// acc += s * x
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE void axpy(Group<A, CG, VB>& acc, A s, const Group<A, CG, VB>& x) {
+  for (int k = 0; k < Group<A, CG, VB>::K; ++k) acc.c[k] += s * x.c[k];
+}
+
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE Group<A, CG, VB> mul(const Group<A, CG, VB>& a, const Group<A, CG, VB>& b) {
+  Group<A, CG, VB> r;
+  for (int k = 0; k < Group<A, CG, VB>::K; ++k) r.c[k] = a.c[k] * b.c[k];
+  return r;
+}
+
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE Group<A, CG, VB> scaled(A s, const Group<A, CG, VB>& x) {
+  Group<A, CG, VB> r;
+  for (int k = 0; k < Group<A, CG, VB>::K; ++k) r.c[k] = s * x.c[k];
+  return r;
+}
+
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE Group<A, CG, VB> add(const Group<A, CG, VB>& a, const Group<A, CG, VB>& b) {
+  Group<A, CG, VB> r;
+  for (int k = 0; k < Group<A, CG, VB>::K; ++k) r.c[k] = a.c[k] + b.c[k];
+  return r;
+}
+
+// Halves of a native vector.
+template <typename T, int N>
+DCNV3_CPU_INLINE Vec<T, N / 2> lower_half(Vec<T, N> v) {
+  Vec<T, N / 2> h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
+}
+template <typename T, int N>
+DCNV3_CPU_INLINE Vec<T, N / 2> upper_half(Vec<T, N> v) {
+  Vec<T, N / 2> h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(h), sizeof(h));
+  return h;
+}
+
+// Four horizontal sums at once, in a fixed order: fold by halves down to two lanes each, then add the pairs.
+template <typename T, int N>
+DCNV3_CPU_INLINE void hsum4(Vec<T, N> a, Vec<T, N> b, Vec<T, N> c, Vec<T, N> d, T out[4]) {
+  if constexpr (N > 2) {
+    hsum4<T, N / 2>(lower_half<T, N>(a) + upper_half<T, N>(a), lower_half<T, N>(b) + upper_half<T, N>(b),
+                    lower_half<T, N>(c) + upper_half<T, N>(c), lower_half<T, N>(d) + upper_half<T, N>(d), out);
+  } else {
+    out[0] = a[0] + a[1];
+    out[1] = b[0] + b[1];
+    out[2] = c[0] + c[1];
+    out[3] = d[0] + d[1];
+  }
+}
+
+// The four channel sums of four groups: chunks first (in order), then hsum4.
+template <typename A, int CG, int VB>
+DCNV3_CPU_INLINE void group_sums4(const Group<A, CG, VB> (&x)[4], A out[4]) {
+  using G = Group<A, CG, VB>;
+  Vec<A, G::W> s[4];
+  for (int q = 0; q < 4; ++q) {
+    s[q] = x[q].c[0];
+    for (int k = 1; k < G::K; ++k) s[q] += x[q].c[k];
+  }
+  if constexpr (G::W >= 2) {
+    hsum4<A, G::W>(s[0], s[1], s[2], s[3], out);
+  } else {
+    for (int q = 0; q < 4; ++q) out[q] = s[q][0];
+  }
+}
+#else
+#define DCNV3_VECTOR_EXTENSIONS 0
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward: output pixels [begin, end) of the flattened (N, Ho, Wo) range. scratch: C accumulators (bfloat16 on the
+// generic path); pts: room for G * P points.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename S, int CG, int VB>
 DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT input,
                                      const S* DCNV3_RESTRICT offset, const S* DCNV3_RESTRICT mask,
-                                     S* DCNV3_RESTRICT output, acc_t<S>* DCNV3_RESTRICT scratch, int64_t begin,
-                                     int64_t end) {
+                                     S* DCNV3_RESTRICT output, acc_t<S>* DCNV3_RESTRICT scratch,
+                                     const Points<acc_t<S>>& pts, int64_t begin, int64_t end) {
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same<S, A>::value;
   const int64_t Cg = CG > 0 ? CG : pb.Cg;
   const int64_t C = pb.C, G = pb.G, P = pb.P, H = pb.H, W = pb.W, HoWo = pb.Ho * pb.Wo, Wo = pb.Wo;
-  const int64_t row = W * C;
-  const A scale = static_cast<A>(pb.offset_scale);
-  const A w_pad = static_cast<A>(W + 2 * pb.pad_w);
-  const A h_pad = static_cast<A>(H + 2 * pb.pad_h);
+  const int64_t GP = G * P;
 
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / HoWo;
     const int64_t hw = pix - n * HoWo;
     const int64_t ho = hw / Wo;
     const int64_t wo = hw - ho * Wo;
-    const S* off = offset + pix * G * P * 2;
-    const S* msk = mask + pix * G * P;
-    const float* bx = pb.base_x + wo * P;
-    const float* by = pb.base_y + ho * P;
-    const S* image = input + n * H * row;
+    locate_points<S>(pb, GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * GP, offset + pix * GP * 2,
+                     mask + pix * GP, pts);
+    const S* image = input + n * H * W * C;
+#if DCNV3_VECTOR_EXTENSIONS
+    if constexpr (CG > 0) {
+      // Branch-free: every point reads its four corners (clamped addresses) and drops the out-of-image ones.
+      for (int64_t g = 0; g < G; ++g) {
+        const S* image_g = image + g * CG;
+        Group<A, CG, VB> acc = {};
+        for (int64_t j = g * P; j < (g + 1) * P; ++j) {
+          for (int q = 0; q < 4; ++q)
+            axpy(acc, pts.wm[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+        }
+        gstore(output + pix * C + g * CG, acc);
+      }
+      continue;
+    }
+#endif
     A* DCNV3_RESTRICT acc;
     if constexpr (kDirect) {
       acc = reinterpret_cast<A*>(output + pix * C);
@@ -124,34 +426,15 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
       acc = scratch;
     }
     for (int64_t c = 0; c < C; ++c) acc[c] = A(0);
-
     for (int64_t g = 0; g < G; ++g) {
       A* DCNV3_RESTRICT acc_g = acc + g * Cg;
       const S* image_g = image + g * Cg;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t k = g * P + p;
-        const A m = load(msk[k]);
-        const A u = padded_coord<A>(bx[p], load(off[2 * k]), scale, w_pad);
-        const A v = padded_coord<A>(by[p], load(off[2 * k + 1]), scale, h_pad);
-        Corners<A> cr;
-        if (!locate<A>(u, v, pb.pad_w, pb.pad_h, W, H, cr)) continue;
-        A w[4];
-        bilinear_weights<A>(cr, w);
-        if (cr.all_valid()) {
-          const A w0 = w[0] * m, w1 = w[1] * m, w2 = w[2] * m, w3 = w[3] * m;
-          const S* DCNV3_RESTRICT r0 = image_g + cr.pixel(0, W) * C;
-          const S* DCNV3_RESTRICT r1 = r0 + C;
-          const S* DCNV3_RESTRICT r2 = r0 + row;
-          const S* DCNV3_RESTRICT r3 = r2 + C;
-          for (int64_t c = 0; c < Cg; ++c)
-            acc_g[c] += w0 * load(r0[c]) + w1 * load(r1[c]) + w2 * load(r2[c]) + w3 * load(r3[c]);
-        } else {
-          for (int corner = 0; corner < 4; ++corner) {
-            if (!cr.valid(corner)) continue;
-            const A wk = w[corner] * m;
-            const S* DCNV3_RESTRICT r = image_g + cr.pixel(corner, W) * C;
-            for (int64_t c = 0; c < Cg; ++c) acc_g[c] += wk * load(r[c]);
-          }
+      for (int64_t j = g * P; j < (g + 1) * P; ++j) {
+        for (int k = 0; k < 4; ++k) {
+          if (!pts.keep[k][j]) continue;
+          const A wk = pts.wm[k][j];
+          const S* DCNV3_RESTRICT r = image_g + pts.px[k][j] * C;
+          for (int64_t c = 0; c < Cg; ++c) acc_g[c] += wk * load(r[c]);
         }
       }
     }
@@ -163,131 +446,136 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward for one image n and one group g over output pixels [begin, end) of that image (row-major Ho*Wo index).
-// grad_input: (N, H, W, C) in the accumulation type; this task adds into channels [g*Cg, (g+1)*Cg) only, so tasks of
-// different (n, g) never touch the same memory and no atomics are needed. grad_offset / grad_mask entries of
-// (pixel, g) are written exactly once. go_scratch: Cg accumulators for a converted grad_output slice.
+// Backward
 // ---------------------------------------------------------------------------------------------------------------
-template <typename S, int CG>
+
+// Output pixels per location pass in the backward (keeps the point arrays in L1).
+constexpr int64_t kBackwardPixels = 8;
+
+// Per-task scratch of the backward pass: one run of up to kBackwardPixels pixels of one group.
+template <typename S>
+struct RunScratch {
+  S* off;        // kBackwardPixels * P * 2 gathered offsets
+  S* msk;        // kBackwardPixels * P gathered masks
+  float* by;     // kBackwardPixels * P fixed y parts
+  acc_t<S>* go;  // Cg (bfloat16 grad_output converted, generic path)
+  Points<acc_t<S>> pts;  // kBackwardPixels * P
+};
+
+// Generic path: gi[c] += coef * go[c] and returns sum_c go[c] * r[c] (lane partial sums: fixed order).
+template <typename S, typename A>
+DCNV3_CPU_INLINE A corner_dot_scatter(int64_t Cg, const A* DCNV3_RESTRICT go, const S* DCNV3_RESTRICT r,
+                                      A* DCNV3_RESTRICT gi, A coef) {
+  constexpr int L = 32 / sizeof(A);
+  A lanes[L] = {};
+  A tail = A(0);
+  int64_t c = 0;
+  for (; c + L <= Cg; c += L) {
+    for (int l = 0; l < L; ++l) {
+      const A gv = go[c + l];
+      lanes[l] += gv * load(r[c + l]);
+      gi[c + l] += coef * gv;
+    }
+  }
+  for (; c < Cg; ++c) {
+    tail += go[c] * load(r[c]);
+    gi[c] += coef * go[c];
+  }
+  for (int width = L / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return tail + lanes[0];
+}
+
+// Backward for one image n and one group g over output rows [row_begin, row_end) of that image.
+// grad_input: (N, H, W, C) in the accumulation type; this task adds into channels [g*Cg, (g+1)*Cg) only, so tasks of
+// different (n, g) never touch the same memory: no atomics, and a fixed summation order. grad_offset / grad_mask
+// entries of (pixel, g) are written exactly once.
+template <typename S, int CG, int VB>
 DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT grad_output,
                                     const S* DCNV3_RESTRICT input, const S* DCNV3_RESTRICT offset,
                                     const S* DCNV3_RESTRICT mask, acc_t<S>* DCNV3_RESTRICT grad_input,
                                     S* DCNV3_RESTRICT grad_offset, S* DCNV3_RESTRICT grad_mask,
-                                    acc_t<S>* DCNV3_RESTRICT go_scratch, int64_t n, int64_t g, int64_t begin,
-                                    int64_t end) {
+                                    const RunScratch<S>& rs, int64_t n, int64_t g, int64_t row_begin,
+                                    int64_t row_end) {
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same<S, A>::value;
-  constexpr int L = Lanes<A>::value;
+  constexpr bool kVector = CG > 0 && DCNV3_VECTOR_EXTENSIONS;
   const int64_t Cg = CG > 0 ? CG : pb.Cg;
-  const int64_t C = pb.C, G = pb.G, P = pb.P, H = pb.H, W = pb.W, Wo = pb.Wo, HoWo = pb.Ho * pb.Wo;
-  const int64_t row = W * C;
+  const int64_t C = pb.C, G = pb.G, P = pb.P, H = pb.H, W = pb.W, Wo = pb.Wo, Ho = pb.Ho;
   const A scale = static_cast<A>(pb.offset_scale);
-  const A w_pad = static_cast<A>(W + 2 * pb.pad_w);
-  const A h_pad = static_cast<A>(H + 2 * pb.pad_h);
-  const S* image_g = input + n * H * row + g * Cg;
-  A* grad_image_g = grad_input + n * H * row + g * Cg;
+  const S* image_g = input + n * H * W * C + g * Cg;
+  A* grad_image_g = grad_input + n * H * W * C + g * Cg;
+  const Points<A>& pts = rs.pts;
 
-  for (int64_t hw = begin; hw < end; ++hw) {
-    const int64_t pix = n * HoWo + hw;
-    const int64_t ho = hw / Wo;
-    const int64_t wo = hw - ho * Wo;
-    const S* go_s = grad_output + pix * C + g * Cg;
-    const A* DCNV3_RESTRICT go;
-    if constexpr (kDirect) {
-      go = reinterpret_cast<const A*>(go_s);
-    } else {
-      for (int64_t c = 0; c < Cg; ++c) go_scratch[c] = load(go_s[c]);
-      go = go_scratch;
-    }
-    const float* bx = pb.base_x + wo * P;
-    const float* by = pb.base_y + ho * P;
-    const int64_t k0 = pix * G * P + g * P;
-
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t k = k0 + p;
-      const A m = load(mask[k]);
-      const A u = padded_coord<A>(bx[p], load(offset[2 * k]), scale, w_pad);
-      const A v = padded_coord<A>(by[p], load(offset[2 * k + 1]), scale, h_pad);
-      Corners<A> cr;
-      if (!locate<A>(u, v, pb.pad_w, pb.pad_h, W, H, cr)) {
-        store(A(0), grad_mask[k]);
-        store(A(0), grad_offset[2 * k]);
-        store(A(0), grad_offset[2 * k + 1]);
-        continue;
+  for (int64_t ho = row_begin; ho < row_end; ++ho) {
+    for (int64_t wo0 = 0; wo0 < Wo; wo0 += kBackwardPixels) {
+      const int64_t run = Wo - wo0 < kBackwardPixels ? Wo - wo0 : kBackwardPixels;
+      const int64_t pix0 = (n * Ho + ho) * Wo + wo0;
+      // Gather the run's offsets / masks of group g into contiguous arrays, then locate its points at once.
+      for (int64_t i = 0; i < run; ++i) {
+        const int64_t k = (pix0 + i) * G * P + g * P;
+        for (int64_t p = 0; p < P; ++p) {
+          rs.off[2 * (i * P + p)] = offset[2 * (k + p)];
+          rs.off[2 * (i * P + p) + 1] = offset[2 * (k + p) + 1];
+          rs.msk[i * P + p] = mask[k + p];
+          rs.by[i * P + p] = pb.base_y[ho * P + p];
+        }
       }
-      A w[4], du[4], dv[4], dot[4] = {A(0), A(0), A(0), A(0)};
-      bilinear_weights<A>(cr, w);
-      bilinear_derivatives<A>(cr, du, dv);
-      if (cr.all_valid()) {
-        const int64_t o0 = cr.pixel(0, W) * C;
-        const S* DCNV3_RESTRICT r0 = image_g + o0;
-        const S* DCNV3_RESTRICT r1 = r0 + C;
-        const S* DCNV3_RESTRICT r2 = r0 + row;
-        const S* DCNV3_RESTRICT r3 = r2 + C;
-        A* DCNV3_RESTRICT g0 = grad_image_g + o0;
-        A* DCNV3_RESTRICT g1 = g0 + C;
-        A* DCNV3_RESTRICT g2 = g0 + row;
-        A* DCNV3_RESTRICT g3 = g2 + C;
-        const A c0 = w[0] * m, c1 = w[1] * m, c2 = w[2] * m, c3 = w[3] * m;
-        A l0[L] = {}, l1[L] = {}, l2[L] = {}, l3[L] = {};
-        int64_t c = 0;
-        for (; c + L <= Cg; c += L) {
-          for (int l = 0; l < L; ++l) {
-            const A gv = go[c + l];
-            l0[l] += gv * load(r0[c + l]);
-            l1[l] += gv * load(r1[c + l]);
-            l2[l] += gv * load(r2[c + l]);
-            l3[l] += gv * load(r3[c + l]);
-            g0[c + l] += c0 * gv;
-            g1[c + l] += c1 * gv;
-            g2[c + l] += c2 * gv;
-            g3[c + l] += c3 * gv;
+      locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
+
+      for (int64_t i = 0; i < run; ++i) {
+        const int64_t pix = pix0 + i;
+        const S* go_s = grad_output + pix * C + g * Cg;
+#if DCNV3_VECTOR_EXTENSIONS
+        Group<A, (CG > 0 ? CG : 1), VB> go_v = {};
+        if constexpr (CG > 0) go_v = gload<A, CG, VB>(go_s);
+#endif
+        const A* DCNV3_RESTRICT go = nullptr;
+        if constexpr (!kVector) {
+          if constexpr (kDirect) {
+            go = reinterpret_cast<const A*>(go_s);
+          } else {
+            for (int64_t c = 0; c < Cg; ++c) rs.go[c] = load(go_s[c]);
+            go = rs.go;
           }
         }
-        for (; c < Cg; ++c) {  // tail (group widths that are not a multiple of the lane count)
-          const A gv = go[c];
-          dot[0] += gv * load(r0[c]);
-          dot[1] += gv * load(r1[c]);
-          dot[2] += gv * load(r2[c]);
-          dot[3] += gv * load(r3[c]);
-          g0[c] += c0 * gv;
-          g1[c] += c1 * gv;
-          g2[c] += c2 * gv;
-          g3[c] += c3 * gv;
-        }
-        dot[0] += fold_lanes<A, L>(l0);
-        dot[1] += fold_lanes<A, L>(l1);
-        dot[2] += fold_lanes<A, L>(l2);
-        dot[3] += fold_lanes<A, L>(l3);
-      } else {
-        for (int corner = 0; corner < 4; ++corner) {
-          if (!cr.valid(corner)) continue;
-          const int64_t o = cr.pixel(corner, W) * C;
-          const S* DCNV3_RESTRICT r = image_g + o;
-          A* DCNV3_RESTRICT gi = grad_image_g + o;
-          const A ck = w[corner] * m;
-          A lanes[L] = {};
-          A tail = A(0);
-          int64_t c = 0;
-          for (; c + L <= Cg; c += L) {
-            for (int l = 0; l < L; ++l) {
-              const A gv = go[c + l];
-              lanes[l] += gv * load(r[c + l]);
-              gi[c + l] += ck * gv;
+        const int64_t k0 = pix * G * P + g * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t j = i * P + p;
+          const int64_t k = k0 + p;
+          const Corners<A> cr = corners_at(pts, j);
+          const A m = pts.m[j];
+          const A w[4] = {pts.w[0][j], pts.w[1][j], pts.w[2][j], pts.w[3][j]};
+          A du[4], dv[4], dot[4] = {A(0), A(0), A(0), A(0)};
+          bilinear_derivatives<A>(cr, du, dv);
+#if DCNV3_VECTOR_EXTENSIONS
+          if constexpr (kVector) {
+            // Branch-free, as in the forward pass: clamped addresses, out-of-image corners dropped bitwise.
+            Group<A, CG, VB> prod[4];
+            for (int q = 0; q < 4; ++q) {
+              const int64_t o = pts.px[q][j] * C;
+              const int32_t keep = pts.keep[q][j];
+              prod[q] = mul(go_v, keep_if(gload<A, CG, VB>(image_g + o), keep));
+              A* gi = grad_image_g + o;
+              gstore(gi, add(gload<A, CG, VB>(gi), keep_if(scaled(pts.wm[q][j], go_v), keep)));
+            }
+            group_sums4(prod, dot);
+          }
+#endif
+          if constexpr (!kVector) {
+            for (int q = 0; q < 4; ++q) {
+              if (!pts.keep[q][j]) continue;
+              const int64_t o = pts.px[q][j] * C;
+              dot[q] = corner_dot_scatter<S, A>(Cg, go, image_g + o, grad_image_g + o, pts.wm[q][j]);
             }
           }
-          for (; c < Cg; ++c) {
-            tail += go[c] * load(r[c]);
-            gi[c] += ck * go[c];
-          }
-          dot[corner] = tail + fold_lanes<A, L>(lanes);
+          A gm, gx, gy;
+          point_gradients<A>(w, du, dv, dot, m, scale, gm, gx, gy);
+          store(gm, grad_mask[k]);
+          store(gx, grad_offset[2 * k]);
+          store(gy, grad_offset[2 * k + 1]);
         }
       }
-      A gm, gx, gy;
-      point_gradients<A>(w, du, dv, dot, m, scale, gm, gx, gy);
-      store(gm, grad_mask[k]);
-      store(gx, grad_offset[2 * k]);
-      store(gy, grad_offset[2 * k + 1]);
     }
   }
 }

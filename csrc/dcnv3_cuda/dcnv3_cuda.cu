@@ -47,8 +47,8 @@ struct Params {
   double offset_scale;
 };
 
-// One sampling point of an item, as broadcast to the item's lanes. flags: bit 0 = some corner inside the image,
-// bits 1..4 = vx0, vx1, vy0, vy1.
+// One sampling point of an item, as broadcast to the item's lanes: its corners (Corners::flags says which lie
+// inside the image; none when the point is far outside) and its mask.
 template <typename A>
 struct Point {
   int x0, y0, flags;
@@ -58,10 +58,6 @@ struct Point {
 template <typename S, typename A>
 __device__ __forceinline__ Point<A> compute_point(const Params& pr, const S* __restrict__ off,
                                                   const S* __restrict__ msk, int64_t ho, int64_t wo, int p) {
-  Point<A> pt;
-  pt.x0 = pt.y0 = pt.flags = 0;
-  pt.fx = pt.fy = A(0);
-  pt.m = static_cast<A>(msk[p]);
   int tap_x, tap_y;
   point_taps(p, pr.kernel_h, pr.kernel_w, pr.remove_center, tap_x, tap_y);
   const int64_t w_pad = pr.W + 2 * pr.pad_w;
@@ -72,12 +68,14 @@ __device__ __forceinline__ Point<A> compute_point(const Params& pr, const S* __r
   const A u = padded_coord<A>(bx, static_cast<A>(off[2 * p]), scale, static_cast<A>(w_pad));
   const A v = padded_coord<A>(by, static_cast<A>(off[2 * p + 1]), scale, static_cast<A>(h_pad));
   Corners<A> c;
-  if (!locate<A>(u, v, pr.pad_w, pr.pad_h, pr.W, pr.H, c)) return pt;
-  pt.x0 = static_cast<int>(c.x0);
-  pt.y0 = static_cast<int>(c.y0);
+  locate<A>(u, v, pr.pad_w, pr.pad_h, pr.W, pr.H, c);
+  Point<A> pt;
+  pt.x0 = c.x0;
+  pt.y0 = c.y0;
+  pt.flags = c.flags;
   pt.fx = c.fx;
   pt.fy = c.fy;
-  pt.flags = 1 | (c.vx0 << 1) | (c.vx1 << 2) | (c.vy0 << 3) | (c.vy1 << 4);
+  pt.m = static_cast<A>(msk[p]);
   return pt;
 }
 
@@ -98,12 +96,9 @@ __device__ __forceinline__ Corners<A> corners_of(const Point<A>& pt) {
   Corners<A> c;
   c.x0 = pt.x0;
   c.y0 = pt.y0;
+  c.flags = pt.flags;
   c.fx = pt.fx;
   c.fy = pt.fy;
-  c.vx0 = (pt.flags >> 1) & 1;
-  c.vx1 = (pt.flags >> 2) & 1;
-  c.vy0 = (pt.flags >> 3) & 1;
-  c.vy1 = (pt.flags >> 4) & 1;
   return c;
 }
 
@@ -157,8 +152,8 @@ __global__ void __launch_bounds__(kThreads)
         const int count = min(TPG, static_cast<int>(pr.P - p0));
         for (int j = 0; j < count; ++j) {
           const Point<A> pt = broadcast<A, TPG>(mine, j);
-          if (!(pt.flags & 1) || !has_channel) continue;
           const Corners<A> cr = corners_of(pt);
+          if (!cr.any_valid() || !has_channel) continue;
           A w[4];
           bilinear_weights<A>(cr, w);
           A sample = A(0);
@@ -204,7 +199,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < count; ++j) {
         const Point<A> pt = broadcast<A, TPG>(mine, j);
         const int64_t k = point0 + p0 + j;
-        if (!(pt.flags & 1)) {  // uniform over the item's lanes
+        const Corners<A> cr = corners_of(pt);
+        if (!cr.any_valid()) {  // uniform over the item's lanes
           if (active && lane == 0) {
             grad_mask[k] = static_cast<S>(A(0));
             grad_offset[2 * k] = static_cast<S>(A(0));
@@ -212,7 +208,6 @@ __global__ void __launch_bounds__(kThreads)
           }
           continue;
         }
-        const Corners<A> cr = corners_of(pt);
         A w[4], du[4], dv[4];
         bilinear_weights<A>(cr, w);
         bilinear_derivatives<A>(cr, du, dv);
