@@ -222,7 +222,7 @@ def test_gradient_checkpointing_lowers_peak_memory_with_identical_gradients():
     step()  # warm-up: one-off allocations out of the measurement
     plain = peak_memory_bytes(step)
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    # transformers 5.23 renamed gradient_checkpointing_enable (a deprecated alias now) to activation_checkpointing_enable
+    # transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias) activation_checkpointing_enable
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     assert all(layer.gradient_checkpointing for level in model.internimage.encoder.levels for layer in level.layers)
