@@ -68,6 +68,54 @@ def test_finetune_on_two_cpu_processes_with_torchrun(tmp_path):
     assert config["id2label"] == {"0": "green", "1": "red"}  # imagefolder: class folders in sorted order
 
 
+FSDP2_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from internimage_hf import InternImageConfig, InternImageForImageClassification
+from internimage_hf.modeling_internimage import InternImageLayer
+from internimage_hf.training import layer_decay_param_groups
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = InternImageForImageClassification(InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8],
+                                                            num_labels=2))
+for module in model.modules():  # what examples/accelerate/fsdp.yaml asks accelerate to do
+    if isinstance(module, InternImageLayer):
+        fully_shard(module)
+fully_shard(model)
+groups = layer_decay_param_groups(model, 2e-3, 0.05, layer_decay=0.9)
+optimizer = torch.optim.AdamW(groups)
+torch.manual_seed(1 + rank)
+pixel_values, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4,))
+losses = []
+for _ in range(6):
+    loss = model(pixel_values=pixel_values, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+record = {"losses": losses, "sharded": type(model.classifier.weight).__name__,
+          "scales": sorted({round(g["lr_scale"], 6) for g in groups})}
+with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_shards_internimage_layers_and_keeps_layer_decay(tmp_path):
+    """The sharding examples/accelerate/fsdp.yaml configures (one unit per InternImageLayer), on 2 CPU processes."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+               tmp_path)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["sharded"] == "DTensor"
+        assert record["scales"] == [round(0.9**d, 6) for d in (4, 3, 2, 1, 0)]
+        assert record["losses"][-1] < record["losses"][0]
+
+
 def test_finetune_options_single_process(tmp_path):
     """Head replacement from a saved folder, layer decay, DCN LR, drop path, checkpointing and bf16 autocast."""
     from internimage_hf import InternImageConfig, InternImageForImageClassification
