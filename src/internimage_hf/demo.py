@@ -83,7 +83,6 @@ def run_demo(args) -> int:
     import torch
     from tqdm.auto import tqdm
     from transformers import TrainingArguments, pipeline, set_seed
-    from transformers.utils import logging as hf_logging
 
     from .modeling_internimage import InternImageForImageClassification
     from .processing import make_image_processor
@@ -100,7 +99,6 @@ def run_demo(args) -> int:
     output_dir = Path(args.output_dir)
     model_dir = output_dir / "model"
     output_dir.mkdir(parents=True, exist_ok=True)
-    hf_logging.set_verbosity_warning()
     set_seed(SEED)
 
     splits = load_digits_dataset()
