@@ -152,7 +152,7 @@ def assert_close(a, b, tol, what):
     assert err <= tol * (1.0 + scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
                                                                   HealthCheck.too_slow])
 @given(params=op_params())
 def test_random_shapes_forward_backward_float64(kernel, params):
@@ -164,7 +164,7 @@ def test_random_shapes_forward_backward_float64(kernel, params):
         assert_close(a, b, 1e-11, f"grad {name}")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(params=op_params(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_random_shapes_low_precision(kernel, params, dtype):
     x, offset, mask, args = make_case(**params, dtype=dtype)
@@ -386,6 +386,28 @@ def test_get_local_kernel_loads_the_build(kernel_dir):
     x, offset, mask, args = make_case(dtype=torch.float32)
     assert rel_err(module.dcnv3_core(x, offset, mask, *args), dcnv3_core_reference(x, offset, mask, *args)) < 1e-6
     assert module.layers.DCNv3Core.has_backward
+
+
+def test_kernelize_swaps_the_layer_into_a_model(kernel_dir, monkeypatch):
+    """`kernels.kernelize` with a LocalLayerRepository replaces the model's DCNv3Core forward by the kernel's layer."""
+    kernels = pytest.importorskip("kernels")
+    import internimage_hf
+    from internimage_hf.ops import DCNv3Core
+
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_BACKEND", "reference")  # the model's own forward: the reference op
+    config = internimage_hf.InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], num_labels=3)
+    model = internimage_hf.InternImageForImageClassification(config).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).logits
+    kernels.replace_kernel_forward_from_hub(DCNv3Core, "DCNv3Core")
+    repo = kernels.LocalLayerRepository(repo_path=kernel_dir.parents[1], layer_name="DCNv3Core")
+    with kernels.use_kernel_mapping({"DCNv3Core": {"cpu": repo}}):
+        model = kernels.kernelize(model, mode=kernels.Mode.INFERENCE, device="cpu")
+    cores = [m for m in model.modules() if isinstance(m, DCNv3Core)]
+    assert cores and all(m.forward.__func__.__module__.endswith(".layers") for m in cores)
+    with torch.no_grad():
+        assert rel_err(model(x).logits, expected) < 1e-5
 
 
 def test_hub_path_through_local_kernels_override(kernel_dir, monkeypatch):

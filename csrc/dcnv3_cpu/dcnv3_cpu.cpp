@@ -153,11 +153,15 @@ BackwardFn<S> backward_kernel(int64_t cg) {
   return portable::pick_backward<S>(cg);
 }
 
-// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P), and both repeated for every
-// group: base_x_groups (Wo, G, P), base_y_groups (Ho, G, P).
+// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P), and the forward's tables
+// base_x_groups (Wo, G, P) and base_y_groups (Ho, run, G, P) (see Problem).
 struct Bases {
   std::vector<float> x, y, x_groups, y_groups;
+  int64_t run = 1;
 };
+
+// Pixels per forward location pass: enough points for long vector loops, few enough to stay in L1.
+int64_t forward_run(const Shape& s) { return std::max<int64_t>(1, std::min<int64_t>(8, 256 / (s.G * s.P))); }
 
 void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                 int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, double offset_scale,
@@ -179,12 +183,14 @@ void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stri
                                            static_cast<int>(dilation_h), s.H + 2 * pad_h, scale);
   }
   const int64_t gp = s.G * s.P;
+  const int64_t run = bases.run = forward_run(s);
   bases.x_groups.resize(s.Wo * gp);
-  bases.y_groups.resize(s.Ho * gp);
+  bases.y_groups.resize(s.Ho * run * gp);
   for (int64_t g = 0; g < s.G; ++g)
     for (int64_t p = 0; p < s.P; ++p) {
       for (int64_t wo = 0; wo < s.Wo; ++wo) bases.x_groups[wo * gp + g * s.P + p] = base_x[wo * s.P + p];
-      for (int64_t ho = 0; ho < s.Ho; ++ho) bases.y_groups[ho * gp + g * s.P + p] = base_y[ho * s.P + p];
+      for (int64_t ho = 0; ho < s.Ho; ++ho)
+        for (int64_t r = 0; r < run; ++r) bases.y_groups[(ho * run + r) * gp + g * s.P + p] = base_y[ho * s.P + p];
     }
 }
 
@@ -206,6 +212,7 @@ Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset
   pb.base_y = bases.y.data();
   pb.base_x_groups = bases.x_groups.data();
   pb.base_y_groups = bases.y_groups.data();
+  pb.run = bases.run;
   return pb;
 }
 
@@ -240,8 +247,8 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_pixel));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> scratch(std::is_same<S, A>::value ? 0 : pb.C);
-    std::vector<char> points(points_bytes<A>(pb.G * pb.P));
-    fn(pb, in, off, msk, out, scratch.data(), carve_points<A>(points.data(), pb.G * pb.P), begin, end);
+    std::vector<char> points(points_bytes<A>(pb.run * pb.G * pb.P));
+    fn(pb, in, off, msk, out, scratch.data(), carve_points<A>(points.data(), pb.run * pb.G * pb.P), begin, end);
   });
 }
 

@@ -80,8 +80,9 @@ DCNV3_CPU_INLINE void store(float v, bf16& dst) {  // round to nearest even, NaN
 }
 
 // Geometry of one call. base_x[wo * P + p] / base_y[ho * P + p] hold the fixed float32 part of every sampling
-// location (sampling_base), computed once per call; base_x_groups / base_y_groups repeat them for every group
-// ([wo * G * P + g * P + p]) so that the G * P points of a pixel form one flat vector loop.
+// location (sampling_base), computed once per call. The forward locates the points of `run` consecutive pixels of a
+// row at once: base_x_groups[wo * G * P + g * P + p] repeats base_x for every group (so consecutive pixels are
+// contiguous) and base_y_groups[(ho * run + r) * G * P + g * P + p] repeats base_y for every group and run slot.
 struct Problem {
   int64_t N, H, W, C, G, Cg, Ho, Wo, P;
   int64_t pad_h, pad_w;
@@ -90,6 +91,7 @@ struct Problem {
   const float* base_y;
   const float* base_x_groups;
   const float* base_y_groups;
+  int64_t run;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ DCNV3_CPU_INLINE void group_sums4(const Group<A, CG, VB> (&x)[4], A out[4]) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: output pixels [begin, end) of the flattened (N, Ho, Wo) range. scratch: C accumulators (bfloat16 on the
-// generic path); pts: room for G * P points.
+// generic path); pts: room for run * G * P points.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename S, int CG, int VB>
 DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT input,
@@ -396,52 +398,59 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
   const int64_t C = pb.C, G = pb.G, P = pb.P, H = pb.H, W = pb.W, HoWo = pb.Ho * pb.Wo, Wo = pb.Wo;
   const int64_t GP = G * P;
 
-  for (int64_t pix = begin; pix < end; ++pix) {
-    const int64_t n = pix / HoWo;
-    const int64_t hw = pix - n * HoWo;
+  for (int64_t pix0 = begin; pix0 < end;) {
+    const int64_t n = pix0 / HoWo;
+    const int64_t hw = pix0 - n * HoWo;
     const int64_t ho = hw / Wo;
     const int64_t wo = hw - ho * Wo;
-    locate_points<S>(pb, GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * GP, offset + pix * GP * 2,
-                     mask + pix * GP, pts);
+    int64_t count = pb.run < end - pix0 ? pb.run : end - pix0;  // pixels of this row located together
+    count = count < Wo - wo ? count : Wo - wo;
+    locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
+                     offset + pix0 * GP * 2, mask + pix0 * GP, pts);
     const S* image = input + n * H * W * C;
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t pix = pix0 + r;
+      const int64_t j0 = r * GP;
 #if DCNV3_VECTOR_EXTENSIONS
-    if constexpr (CG > 0) {
-      // Branch-free: every point reads its four corners (clamped addresses) and drops the out-of-image ones.
-      for (int64_t g = 0; g < G; ++g) {
-        const S* image_g = image + g * CG;
-        Group<A, CG, VB> acc = {};
-        for (int64_t j = g * P; j < (g + 1) * P; ++j) {
-          for (int q = 0; q < 4; ++q)
-            axpy(acc, pts.wm[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+      if constexpr (CG > 0) {
+        // Branch-free: every point reads its four corners (clamped addresses) and drops the out-of-image ones.
+        for (int64_t g = 0; g < G; ++g) {
+          const S* image_g = image + g * CG;
+          Group<A, CG, VB> acc = {};
+          for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
+            for (int q = 0; q < 4; ++q)
+              axpy(acc, pts.wm[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+          }
+          gstore(output + pix * C + g * CG, acc);
         }
-        gstore(output + pix * C + g * CG, acc);
+        continue;
       }
-      continue;
-    }
 #endif
-    A* DCNV3_RESTRICT acc;
-    if constexpr (kDirect) {
-      acc = reinterpret_cast<A*>(output + pix * C);
-    } else {
-      acc = scratch;
-    }
-    for (int64_t c = 0; c < C; ++c) acc[c] = A(0);
-    for (int64_t g = 0; g < G; ++g) {
-      A* DCNV3_RESTRICT acc_g = acc + g * Cg;
-      const S* image_g = image + g * Cg;
-      for (int64_t j = g * P; j < (g + 1) * P; ++j) {
-        for (int k = 0; k < 4; ++k) {
-          if (!pts.keep[k][j]) continue;
-          const A wk = pts.wm[k][j];
-          const S* DCNV3_RESTRICT r = image_g + pts.px[k][j] * C;
-          for (int64_t c = 0; c < Cg; ++c) acc_g[c] += wk * load(r[c]);
+      A* DCNV3_RESTRICT acc;
+      if constexpr (kDirect) {
+        acc = reinterpret_cast<A*>(output + pix * C);
+      } else {
+        acc = scratch;
+      }
+      for (int64_t c = 0; c < C; ++c) acc[c] = A(0);
+      for (int64_t g = 0; g < G; ++g) {
+        A* DCNV3_RESTRICT acc_g = acc + g * Cg;
+        const S* image_g = image + g * Cg;
+        for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
+          for (int k = 0; k < 4; ++k) {
+            if (!pts.keep[k][j]) continue;
+            const A wk = pts.wm[k][j];
+            const S* DCNV3_RESTRICT r = image_g + pts.px[k][j] * C;
+            for (int64_t c = 0; c < Cg; ++c) acc_g[c] += wk * load(r[c]);
+          }
         }
       }
+      if constexpr (!kDirect) {
+        S* out = output + pix * C;
+        for (int64_t c = 0; c < C; ++c) store(acc[c], out[c]);
+      }
     }
-    if constexpr (!kDirect) {
-      S* out = output + pix * C;
-      for (int64_t c = 0; c < C; ++c) store(acc[c], out[c]);
-    }
+    pix0 += count;
   }
 }
 
