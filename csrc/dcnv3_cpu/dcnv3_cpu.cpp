@@ -216,6 +216,26 @@ Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset
   return pb;
 }
 
+// Dynamic scheduling on top of at::parallel_for: one worker per thread, each taking the next chunk from a shared
+// counter until none is left, so that a thread slowed down (another process on its core) does not hold up the
+// others as a static split would. setup() runs once per worker and returns its scratch; work(chunk, scratch).
+// Which thread runs a chunk never changes the result: chunks write disjoint outputs.
+template <typename Setup, typename Work>
+void parallel_chunks(int64_t chunks, const Setup& setup, const Work& work) {
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (workers <= 1 || at::in_parallel_region()) {
+    auto scratch = setup();
+    for (int64_t c = 0; c < chunks; ++c) work(c, scratch);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    auto scratch = setup();
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) work(c, scratch);
+  });
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "DCNv3 CPU kernel: ", name, " must be a CPU tensor");
   const auto dt = t.scalar_type();
@@ -243,13 +263,27 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
   const S* msk = cptr<S>(mask);
   S* out = mptr<S>(output);
   const int64_t pixels = pb.N * pb.Ho * pb.Wo;
+  // Chunks of whole output rows when possible, about 8 per thread, at least ~64k multiply-adds each.
   const int64_t work_per_pixel = pb.G * pb.P * (pb.Cg + 32);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_pixel));
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(std::is_same<S, A>::value ? 0 : pb.C);
-    std::vector<char> points(points_bytes<A>(pb.run * pb.G * pb.P));
-    fn(pb, in, off, msk, out, scratch.data(), carve_points<A>(points.data(), pb.run * pb.G * pb.P), begin, end);
-  });
+  const int64_t min_pixels = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_pixel));
+  const int64_t per_chunk =
+      std::max<int64_t>(min_pixels, pixels / std::max<int64_t>(1, 8 * static_cast<int64_t>(at::get_num_threads())));
+  const int64_t chunks = (pixels + per_chunk - 1) / per_chunk;
+  const int64_t point_count = pb.run * pb.G * pb.P;
+  struct Scratch {
+    std::vector<A> acc;
+    std::vector<char> points;
+  };
+  parallel_chunks(
+      chunks,
+      [&] {
+        return Scratch{std::vector<A>(std::is_same<S, A>::value ? 0 : pb.C),
+                       std::vector<char>(points_bytes<A>(point_count))};
+      },
+      [&](int64_t c, Scratch& sc) {
+        const int64_t begin = c * per_chunk, end = std::min(pixels, begin + per_chunk);
+        fn(pb, in, off, msk, out, sc.acc.data(), carve_points<A>(sc.points.data(), point_count), begin, end);
+      });
 }
 
 template <typename S>
@@ -284,44 +318,51 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
   const S* msk = cptr<S>(mask);
   S* goff = mptr<S>(grad_offset);
   S* gmsk = mptr<S>(grad_mask);
-  const int64_t tasks = pairs * slices;
   const int64_t run_points = kBackwardPixels * pb.P;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> run_off(run_points * 2), run_msk(run_points);
-    std::vector<float> run_by(run_points);
-    std::vector<A> go_scratch(pb.Cg);
-    std::vector<char> points(points_bytes<A>(run_points));
+  struct Scratch {
+    std::vector<S> off, msk;
+    std::vector<float> by;
+    std::vector<A> go;
+    std::vector<char> points;
     RunScratch<S> rs;
-    rs.off = run_off.data();
-    rs.msk = run_msk.data();
-    rs.by = run_by.data();
-    rs.go = go_scratch.data();
-    rs.pts = carve_points<A>(points.data(), run_points);
-    if (slices == 1) {
-      // This thread owns the (image, group) pairs [begin, end). Pairs of one image are walked row by row, all of
-      // its groups per row, so that a row's offsets and masks are still in cache for the next group. Each grad_input
-      // element still receives its contributions in the same (row) order: the result does not depend on threads.
-      for (int64_t pair = begin; pair < end;) {
-        const int64_t n = pair / pb.G;
-        const int64_t g_first = pair - n * pb.G;
-        const int64_t g_last = std::min<int64_t>(pb.G, g_first + (end - pair));  // exclusive
-        for (int64_t ho = 0; ho < rows; ++ho)
-          for (int64_t g = g_first; g < g_last; ++g)
-            fn(pb, go, in, off, msk, target, goff, gmsk, rs, n, g, ho, ho + 1);
-        pair += g_last - g_first;
-      }
-      return;
-    }
-    for (int64_t t = begin; t < end; ++t) {
+  };
+  auto setup = [&] {
+    Scratch sc{std::vector<S>(run_points * 2), std::vector<S>(run_points), std::vector<float>(run_points),
+               std::vector<A>(pb.Cg), std::vector<char>(points_bytes<A>(run_points)), RunScratch<S>{}};
+    sc.rs.off = sc.off.data();
+    sc.rs.msk = sc.msk.data();
+    sc.rs.by = sc.by.data();
+    sc.rs.go = sc.go.data();
+    sc.rs.pts = carve_points<A>(sc.points.data(), run_points);
+    return sc;
+  };
+  if (slices == 1) {
+    // A chunk is one image and a block of its groups (it owns their grad_input channels). The block is walked row
+    // by row, all its groups per row, so that a row's offsets and masks are still in cache for the next group.
+    // Each grad_input element receives its contributions in row order whatever the blocks and threads: the result
+    // does not depend on the thread count.
+    const int64_t threads = at::get_num_threads();
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(pb.G, pairs / std::max<int64_t>(1, 4 * threads)));
+    const int64_t blocks_per_image = (pb.G + block - 1) / block;
+    parallel_chunks(pb.N * blocks_per_image, setup, [&](int64_t c, Scratch& sc) {
+      const int64_t n = c / blocks_per_image;
+      const int64_t g_first = (c - n * blocks_per_image) * block;
+      const int64_t g_last = std::min(pb.G, g_first + block);
+      for (int64_t ho = 0; ho < rows; ++ho)
+        for (int64_t g = g_first; g < g_last; ++g) fn(pb, go, in, off, msk, target, goff, gmsk, sc.rs, n, g, ho, ho + 1);
+    });
+  } else {
+    // Fewer (image, group) pairs than threads: each pair's rows are cut into slices with their own buffer.
+    parallel_chunks(pairs * slices, setup, [&](int64_t t, Scratch& sc) {
       const int64_t slice = t % slices;
       const int64_t pair = t / slices;
       const int64_t n = pair / pb.G;
       const int64_t g = pair - n * pb.G;
       const int64_t first = rows * slice / slices;
       const int64_t last = rows * (slice + 1) / slices;
-      fn(pb, go, in, off, msk, target + slice * image_elems, goff, gmsk, rs, n, g, first, last);
-    }
-  });
+      fn(pb, go, in, off, msk, target + slice * image_elems, goff, gmsk, sc.rs, n, g, first, last);
+    });
+  }
   if (buffer.defined()) {
     at::Tensor summed = slices == 1 ? buffer.select(0, 0) : buffer.sum(0);
     grad_input.copy_(summed);
