@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where the model and figures go")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--quick", action="store_true", help="tiny budget (for tests)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the demo model is "
+                                                             "too small to gain from more)")
     p.set_defaults(func=_demo)
     return parser
 
