@@ -31,50 +31,6 @@ from .conftest import rel_err
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _has_compiler() -> bool:
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++"))
-
-
-@pytest.fixture(scope="session")
-def kernel_dir() -> Path:
-    """Build (or reuse) the kernel once per session; returns the variant folder."""
-    if not _has_compiler():
-        pytest.skip("no C++ compiler: the compiled DCNv3 kernel cannot be built here")
-    try:
-        path = build_kernels(cuda=False)
-    except Exception as err:  # a compiler is present, so a failed build is a failure, not a skip
-        pytest.fail(f"building the DCNv3 kernel failed: {err}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def kernel(kernel_dir):
-    """The loaded kernel package, through the same loader `dcnv3_core` uses."""
-    saved = os.environ.get("INTERNIMAGE_HF_KERNEL_CACHE")
-    os.environ["INTERNIMAGE_HF_KERNEL_CACHE"] = str(kernel_dir.parents[1])
-    loader._reset()
-    try:
-        op = loader.get_compiled_op(required=True)
-    finally:
-        if saved is None:
-            os.environ.pop("INTERNIMAGE_HF_KERNEL_CACHE")
-        else:
-            os.environ["INTERNIMAGE_HF_KERNEL_CACHE"] = saved
-    assert op.path == kernel_dir
-    return op.module
-
-
-@pytest.fixture
-def use_kernel(kernel, kernel_dir, monkeypatch):
-    """dcnv3_core's loader resolves to the session's build (other tests may have decided differently)."""
-    monkeypatch.setenv("INTERNIMAGE_HF_KERNEL_CACHE", str(kernel_dir.parents[1]))
-    monkeypatch.delenv("INTERNIMAGE_DCNV3_KERNEL_REPO", raising=False)
-    monkeypatch.delenv("INTERNIMAGE_DCNV3_BACKEND", raising=False)
-    loader._reset()
-    yield kernel
-    loader._reset()
-
-
 def out_size(size, k, stride, pad, dil):
     return (size + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
 
@@ -554,3 +510,17 @@ def test_model_on_compiled_op_matches_official(use_kernel, fixtures_dir, tmp_pat
             logits[backend] = model(expected["pixel_values"]).logits
     assert rel_err(logits["compiled"], expected["logits"]) < 1e-5
     assert rel_err(logits["compiled"], logits["reference"]) < 1e-5
+
+
+def test_torch_compile_of_the_model_matches_eager(use_kernel, fixtures_dir):
+    """torch.compile traces the whole model through the DCNv3 custom op (fake implementation) and agrees with eager."""
+    from internimage_hf.convert import model_from_official, read_official_config
+
+    case = fixtures_dir / "tiny_t"
+    model = model_from_official(torch.load(case / "checkpoint.pth", weights_only=True)["model"],
+                                read_official_config(case / "official_config.json")).eval()
+    x = load_file(case / "expected.safetensors")["pixel_values"]
+    with torch.no_grad():
+        eager = model(x).logits
+        compiled = torch.compile(model, fullgraph=True)(x).logits
+    assert rel_err(compiled, eager) < 1e-5

@@ -31,6 +31,15 @@ def noise_floor(model, pixel_values: torch.Tensor) -> float:
         return rel_err(model(nudged).logits, base)
 
 
+@pytest.fixture(params=["reference", "compiled"], autouse=True)
+def backend(request, monkeypatch):
+    """Every parity test runs on both DCNv3 paths: the compiled kernel must match the fixtures as the reference does."""
+    if request.param == "compiled":
+        request.getfixturevalue("use_kernel")
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module", params=MODEL_CASES)
 def converted(request, fixtures_dir, tmp_path_factory):
     case = request.param
@@ -110,3 +119,4 @@ def test_opengvlab_repo_converts_with_cli(fixtures_dir, tmp_path):
     with torch.no_grad():
         logits = model(expected["pixel_values"]).logits
     assert rel_err(logits, expected["logits"]) < tolerance("tiny_l", model, expected["pixel_values"])
+
