@@ -78,7 +78,7 @@ def _build_kernels(args: argparse.Namespace) -> int:
     from .ops.build import build_kernels
 
     try:
-        path = build_kernels(cache_dir=args.cache_dir, cuda=args.cuda, verbose=args.verbose)
+        path = build_kernels(cache_dir=args.cache_dir, cuda=args.cuda, verbose=args.verbose, force=args.force)
     except Exception as error:  # a failed build is reported, never a traceback
         print(f"internimage-hf build-kernels: error: {error}", file=sys.stderr)
         return 1
@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-kernels", help="compile the DCNv3 CPU (and CUDA) kernel into the local cache")
     p.add_argument("--cache-dir", default=None, help="kernel cache folder (default: $INTERNIMAGE_HF_KERNEL_CACHE "
                                                      "or ~/.cache/internimage_hf/kernels)")
-    p.add_argument("--cuda", action="store_true", default=None, help="also build the CUDA kernel (needs nvcc)")
+    cuda = p.add_mutually_exclusive_group()
+    cuda.add_argument("--cuda", action="store_true", default=None,
+                      help="require the CUDA kernel too (needs nvcc and a CUDA build of torch; default: build it "
+                           "when both are present)")
+    cuda.add_argument("--no-cuda", dest="cuda", action="store_false", help="build the CPU kernel only")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_build_kernels)
 
