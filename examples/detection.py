@@ -15,8 +15,7 @@ import argparse
 import torch
 from transformers import DetrConfig, DetrForObjectDetection
 
-from internimage_hf import InternImageBackbone
-from internimage_hf.training import load_model_and_processor, preset_config
+from internimage_hf.training import backbone_config_and_weights
 
 
 def synthetic_batch(batch_size: int, size: int, num_labels: int, generator: torch.Generator):
@@ -45,18 +44,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    backbone_config = preset_config(args.backbone, out_features=["stage4"])
-    pretrained = None
-    if backbone_config is None:
-        pretrained, _ = load_model_and_processor(InternImageBackbone, args.backbone, out_features=["stage4"])
-        backbone_config = pretrained.config
+    backbone_config, weights = backbone_config_and_weights(args.backbone, ["stage4"])
     config = DetrConfig(backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False,
                         num_labels=args.num_labels, d_model=args.d_model, encoder_layers=2, decoder_layers=2,
                         encoder_ffn_dim=2 * args.d_model, decoder_ffn_dim=2 * args.d_model,
                         encoder_attention_heads=4, decoder_attention_heads=4, num_queries=10)
     model = DetrForObjectDetection(config).train()
-    if pretrained is not None:
-        model.model.backbone.model.load_state_dict(pretrained.state_dict())
+    if weights is not None:  # pretrained InternImage trunk
+        model.model.backbone.model.load_state_dict(weights)
     print(f"DETR + InternImage backbone ({type(model.model.backbone.model).__name__}): "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 

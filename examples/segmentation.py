@@ -18,8 +18,7 @@ import argparse
 import torch
 from transformers import UperNetConfig, UperNetForSemanticSegmentation
 
-from internimage_hf import InternImageBackbone
-from internimage_hf.training import layer_decay_param_groups, load_model_and_processor, preset_config
+from internimage_hf.training import backbone_config_and_weights, layer_decay_param_groups
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -40,16 +39,12 @@ def synthetic_batch(batch_size: int, size: int, num_labels: int, generator: torc
 
 
 def build_model(backbone: str, num_labels: int, hidden_size: int) -> UperNetForSemanticSegmentation:
-    backbone_config = preset_config(backbone, out_features=STAGES)
-    pretrained = None
-    if backbone_config is None:  # a folder or Hub id: take its trunk weights
-        pretrained, _ = load_model_and_processor(InternImageBackbone, backbone, out_features=STAGES)
-        backbone_config = pretrained.config
+    backbone_config, weights = backbone_config_and_weights(backbone, STAGES)
     config = UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, hidden_size=hidden_size,
                            auxiliary_channels=hidden_size // 2)
     model = UperNetForSemanticSegmentation(config)
-    if pretrained is not None:
-        model.backbone.load_state_dict(pretrained.state_dict())
+    if weights is not None:  # pretrained InternImage trunk
+        model.backbone.load_state_dict(weights)
     return model
 
 

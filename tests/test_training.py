@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from internimage_hf import InternImageBackbone, InternImageConfig, InternImageForImageClassification
 from internimage_hf.training import (
     InternImageTrainer,
+    backbone_config_and_weights,
     collate_image_classification,
     layer_decay_param_groups,
     load_model_and_processor,
@@ -157,6 +158,19 @@ def test_load_model_and_processor_replaces_a_head(tmp_path):
     assert processor.crop_size["height"] == 48  # no processor saved: the eval transform at the config's size
     backbone, _ = load_model_and_processor(InternImageBackbone, "tiny", out_features=["stage2"])
     assert backbone.out_features == ["stage2"]
+
+
+def test_backbone_config_and_weights_from_a_preset_and_from_a_classifier_folder(tmp_path):
+    config, weights = backbone_config_and_weights("tiny", ["stage1", "stage4"])
+    assert weights is None and config.out_features == ["stage1", "stage4"]
+    model = tiny_classifier()
+    model.save_pretrained(tmp_path)
+    config, weights = backbone_config_and_weights(str(tmp_path), ["stage2"])
+    assert config.out_features == ["stage2"] and config.depths == TINY["depths"]
+    backbone = InternImageBackbone(config)
+    backbone.load_state_dict(weights)  # strict: exactly the trunk
+    torch.testing.assert_close(backbone.encoder.levels[2].layers[1].dcn.input_proj.weight,
+                               model.internimage.encoder.levels[2].layers[1].dcn.input_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------- bf16

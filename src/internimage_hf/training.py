@@ -222,6 +222,22 @@ def load_model_and_processor(model_class, name_or_path: str, image_size: int | N
     return model, processor
 
 
+def backbone_config_and_weights(name_or_path: str, out_features: Sequence[str]):
+    """(InternImageConfig, trunk state dict or None) for a task head's `backbone_config`.
+
+    A preset gives its config and no weights (random init); a `save_pretrained` folder or Hub id (a classifier
+    folder works) gives its config and `InternImageBackbone` weights, to `load_state_dict` into the head's backbone
+    after building the head from its config.
+    """
+    from .modeling_internimage import InternImageBackbone
+
+    config = preset_config(name_or_path, out_features=list(out_features))
+    if config is not None:
+        return config, None
+    backbone, _ = load_model_and_processor(InternImageBackbone, name_or_path, out_features=list(out_features))
+    return backbone.config, backbone.state_dict()
+
+
 SYNTHETIC_CLASSES = ("red", "green", "blue")
 
 
@@ -256,6 +272,7 @@ def make_synthetic_image_folder(root: str | Path, images_per_class: int = 16, si
 
 __all__ = [
     "InternImageTrainer",
+    "backbone_config_and_weights",
     "collate_image_classification",
     "compute_accuracy",
     "image_classification_transform",
