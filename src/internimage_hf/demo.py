@@ -57,12 +57,10 @@ def save_confusion_matrix(labels, predictions, names, path: Path, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from sklearn.metrics import confusion_matrix
 
     k = len(names)
-    matrix = np.zeros((k, k), dtype=int)
-    for truth, guess in zip(labels, predictions):
-        matrix[truth, guess] += 1
+    matrix = confusion_matrix(labels, predictions, labels=list(range(k)))
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.imshow(matrix, cmap="Blues")
     for i in range(k):
