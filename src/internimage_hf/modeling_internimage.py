@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -104,19 +105,17 @@ class InternImageDepthwiseConv(InternImageConvNorm):
 def point_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last, tiny dimension (the P sampling points of a group).
 
-    torch.softmax reduces a 9-wide last dimension poorly on CPU (about 10% of InternImage-T's time); these
-    elementwise passes are 3-5x faster. Half precision is computed in float32, like torch.softmax does.
+    torch.softmax reduces a 9-wide last dimension poorly on CPU (about 10% of InternImage-T's inference time);
+    without autograd, these elementwise passes are 3-5x faster. With autograd, torch.softmax saves the least for
+    backward. Half precision is computed in float32.
     """
     dtype = logits.dtype
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return logits.softmax(-1, dtype=torch.float32).to(dtype)  # saves only its output for backward
     if dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    if torch.is_grad_enabled() and shifted.requires_grad:
-        weights = shifted.exp()
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    else:  # no autograd graph: reuse the buffer
-        weights = shifted.exp_()
-        weights.div_(weights.sum(dim=-1, keepdim=True))
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    weights.div_(weights.sum(dim=-1, keepdim=True))
     return weights.to(dtype)
 
 
@@ -139,6 +138,7 @@ class InternImageDCNv3(nn.Module):
         self.input_proj = nn.Linear(channels, channels)
         self.output_proj = nn.Linear(channels, channels)
         self.core = DCNv3Core()
+        self.recompute_sampling_parameters = config.recompute_sampling_parameters
         # Gate between the deformable output and the plain projection (InternImage-H/G), one value per group.
         self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
         # Official init, read by `_init_weights` whatever order it visits modules in: every point starts on the
@@ -148,18 +148,30 @@ class InternImageDCNv3(nn.Module):
                 linear._internimage_init = "zeros"
         self.input_proj._internimage_init = self.output_proj._internimage_init = "xavier"
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def sampling_parameters(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Offsets, softmaxed masks and (H/G) the centre-feature gate, all predicted from the depthwise branch."""
         n, h, w, _ = hidden_states.shape
-        x = self.input_proj(hidden_states)
         features = self.dw_conv(hidden_states)
         offset = self.offset(features)
         mask = point_softmax(self.mask(features).view(n, h, w, self.groups, self.points)).view(n, h, w, -1)
+        if self.center_feature_scale_proj is None:
+            return offset, mask
+        return offset, mask, torch.sigmoid(self.center_feature_scale_proj(features))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.input_proj(hidden_states)
+        if self.recompute_sampling_parameters and self.training and torch.is_grad_enabled():
+            # The branch's intermediates (conv, norm and GELU outputs, mask logits) are about a fifth of a
+            # layer's saved activations and cheap to recompute: keep only its outputs, which the op saves anyway.
+            params = checkpoint(self.sampling_parameters, hidden_states, use_reentrant=False)
+        else:
+            params = self.sampling_parameters(hidden_states)
+        offset, mask = params[0], params[1]
         pad = (self.kernel_size - 1) // 2
         out = self.core(x, offset, mask.to(x.dtype), self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
                         self.groups, self.group_channels, self.offset_scale, self.remove_center)
         if self.center_feature_scale_proj is not None:
-            scale = torch.sigmoid(self.center_feature_scale_proj(features))
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            scale = params[2].repeat_interleave(self.group_channels, dim=-1)
             out = out * (1 - scale) + x * scale
         return self.output_proj(out)
 
