@@ -408,6 +408,23 @@ class InternImagePreTrainedModel(PreTrainedModel):
         config, kwargs = repo.config(cls.config_class, kwargs)
         return super().from_pretrained(None, *model_args, config=config, state_dict=repo.state_dict(), **kwargs)
 
+    def _trunk(self, pixel_values, output_hidden_states, return_dict, pooled: bool):
+        """Validate the input, resolve the output flags, run stem and levels (per-level outputs, channels-last)."""
+        self._check_pixel_values(pixel_values)
+        if pooled and self.config.use_clip_projector:
+            height, width = pixel_values.shape[-2:]
+            if height % 32 or width % 32:
+                raise ValueError(
+                    f"InternImage-H/G classify images whose sides are multiples of 32; got {height}x{width}. "
+                    f"Resize or crop (e.g. to {self.config.image_size}x{self.config.image_size})."
+                )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        embedding_output = self.embeddings(pixel_values)
+        return embedding_output, self.encoder(embedding_output), output_hidden_states, return_dict
+
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
         """Turn the mistakes users make into one readable sentence instead of a shape error deep inside."""
         if pixel_values is None:
@@ -455,20 +472,9 @@ class InternImageModel(InternImagePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
-        self._check_pixel_values(pixel_values)
-        if self.config.use_clip_projector:
-            height, width = pixel_values.shape[-2:]
-            if height % 32 or width % 32:
-                raise ValueError(
-                    f"InternImage-H/G classify images whose sides are multiples of 32; got {height}x{width}. "
-                    f"Resize or crop (e.g. to {self.config.image_size}x{self.config.image_size})."
-                )
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        embedding_output, level_outputs, output_hidden_states, return_dict = self._trunk(
+            pixel_values, output_hidden_states, return_dict, pooled=True
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        embedding_output = self.embeddings(pixel_values)
-        level_outputs = self.encoder(embedding_output)
         pooled = self.pooler(level_outputs)
         last_hidden_state = to_channels_first(level_outputs[-1])
         hidden_states = None
@@ -534,13 +540,9 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BackboneOutput | tuple:
-        self._check_pixel_values(pixel_values)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        embedding_output, level_outputs, output_hidden_states, return_dict = self._trunk(
+            pixel_values, output_hidden_states, return_dict, pooled=False
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        embedding_output = self.embeddings(pixel_values)
-        level_outputs = self.encoder(embedding_output)
         stages = [to_channels_first(embedding_output)] + _channels_first(level_outputs)
         feature_maps = tuple(x for name, x in zip(self.stage_names, stages) if name in self.out_features)
         hidden_states = tuple(stages) if output_hidden_states else None
