@@ -90,6 +90,11 @@ class Case:
         stack = contextlib.ExitStack()
         if self.impl in ("reference", "compiled"):
             stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND=self.impl))
+        elif self.impl == "official":  # what the official code runs: reference op, plain PyTorch layers
+            from internimage_hf.modeling_internimage import fast_paths
+
+            stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND="reference"))
+            stack.enter_context(fast_paths(False))
         if self.dtype in ("bfloat16", "float16"):
             stack.enter_context(torch.autocast(self.inputs.device.type, dtype=getattr(torch, self.dtype)))
         return stack
@@ -161,8 +166,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None,
                    help="default: internimage-t/s/b, convnext-t/s/b, swin-t/s/b (+ mvitv2-t/s if timm is installed)")
-    p.add_argument("--impls", nargs="+", default=["compiled", "reference"],
-                   help="DCNv3 backends to run InternImage with")
+    p.add_argument("--impls", nargs="+", default=["compiled", "reference", "official"],
+                   help="InternImage implementations: compiled / reference DCNv3 op (with this package's layers), "
+                        "official = reference op and plain PyTorch layers, as the official code computes")
     p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--train-batch", type=int, default=None, help="batch for training steps (default: largest --batch)")
@@ -201,6 +207,9 @@ def build_cases(args, device) -> list[Case]:
     train_batch = args.train_batch or max(args.batch)
     for name in args.models:
         impls = args.impls if name.startswith("internimage") else ["-"]
+        unknown = set(impls) - {"compiled", "reference", "official", "-"}
+        if unknown:
+            raise SystemExit(f"unknown --impls {sorted(unknown)}")
         for impl in impls:
             for mode in args.modes:
                 batches = args.batch if mode == "inference" else [train_batch]

@@ -188,3 +188,25 @@ def test_h_g_inputs_must_be_multiples_of_32():
 def test_odd_input_sizes_work_for_conv_head_variants():
     model = InternImageForImageClassification(tiny_config()).eval()
     assert model(torch.randn(1, 3, 97, 45)).logits.shape == (1, 3)
+
+
+def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
+    """oneDNN linear + fused GELU and the elementwise softmax change nothing beyond float32 rounding."""
+    from internimage_hf.modeling_internimage import fast_paths, onednn_linear_applies
+
+    model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    x = pixels()
+    with torch.no_grad():
+        assert onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight) == (
+            internimage_hf.modeling_internimage._ONEDNN_LINEAR is not None)
+        fast = model(x, output_hidden_states=True)
+        with fast_paths(False):
+            assert not onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight)
+            plain = model(x, output_hidden_states=True)
+    assert rel_err(fast.logits, plain.logits) < 1e-5
+    for a, b in zip(fast.hidden_states, plain.hidden_states):
+        assert rel_err(a, b) < 1e-5
+    # training and autocast never take the autograd-less path
+    assert not onednn_linear_applies(x.requires_grad_(True), model.classifier.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_linear_applies(x.detach(), model.classifier.weight)
