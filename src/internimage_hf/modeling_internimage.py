@@ -69,11 +69,10 @@ def fast_paths(enabled: bool):
 
 
 def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a Linear may run on oneDNN's fused linear instead of addmm.
+    """Whether a Linear may run on oneDNN's linear instead of addmm.
 
-    On CPU, oneDNN's linear (the kernel torch.compile uses) is 2-3x faster than eager addmm for InternImage's
-    shapes, and can fuse the MLP's GELU. It has no autograd and ignores autocast, so it is used only for plain
-    float32/bfloat16 CPU inference; training, autocast, tracing and export keep F.linear.
+    On CPU, oneDNN's linear (the kernel torch.compile uses) is 2-3x faster than eager addmm (MKL) for InternImage's
+    shapes, and can fuse the MLP's GELU. It ignores autocast, so autocast, tracing and export keep F.linear.
     """
     return (
         _FAST_PATHS
@@ -81,23 +80,54 @@ def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()))
         and x.dtype == weight.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not _tracing()
     )
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b on oneDNN, with the input gradient on oneDNN too (the weight gradient stays on torch.mm,
+    which is faster for its long reduction)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias):
+        ctx.save_for_backward(x2d, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x2d, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ONEDNN_LINEAR(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x2d)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
 class InternImageLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) with the oneDNN inference path and optional fused GELU."""
+    """nn.Linear (same parameters and state-dict names) on oneDNN where it applies, with an optional fused GELU."""
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if onednn_linear_applies(x, self.weight):
-            flat = x.reshape(-1, x.shape[-1]).contiguous()
-            attr, algorithm = ("gelu", "none") if gelu else ("none", "")
-            out = _ONEDNN_LINEAR(flat, self.weight, self.bias, attr, [None] if gelu else [], algorithm)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        out = F.linear(x, self.weight, self.bias)
-        return F.gelu(out) if gelu else out
+        if not onednn_linear_applies(x, self.weight):
+            out = F.linear(x, self.weight, self.bias)
+            return F.gelu(out) if gelu else out
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        needs_grad = torch.is_grad_enabled() and (
+            flat.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        if needs_grad:
+            out = _OneDNNLinear.apply(flat, self.weight, self.bias)
+            out = F.gelu(out) if gelu else out
+        elif gelu:
+            out = _ONEDNN_LINEAR(flat, self.weight, self.bias, "gelu", [None], "none")
+        else:
+            out = _ONEDNN_LINEAR(flat, self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
