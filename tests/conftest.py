@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from internimage_hf.ops import loader
+from internimage_hf.utils import relative_error
 from internimage_hf.ops.build import build_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +17,7 @@ FIXTURES = Path(os.environ.get("INTERNIMAGE_FIXTURES", REPO.parent / "shared" / 
 MODEL_CASES = ("tiny_t", "tiny_l", "tiny_h", "tiny_g")
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm()).item()
+rel_err = relative_error  # ‖out − ref‖ / ‖ref‖ in float64
 
 
 @pytest.fixture(scope="session")

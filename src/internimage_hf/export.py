@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .modeling_internimage import InternImageBackbone, InternImageForImageClassification, InternImageModel
+from .utils import relative_error
 
 DEFAULT_OPSET = 18
 # Exported graphs take sides >= 33: a 32-pixel side makes stage 4 one pixel wide, and torch.export compiles size-1
@@ -131,15 +132,6 @@ def export_program(
     example = _example_input(model, image_size, batch_size, dynamic)
     return torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model) if dynamic else None,
                                strict=strict)
-
-
-def relative_error(actual, expected) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 (the project's parity metric; 0 when both are zero)."""
-    actual = torch.as_tensor(actual).double()
-    expected = torch.as_tensor(expected).double()
-    scale = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 def validate_onnx(

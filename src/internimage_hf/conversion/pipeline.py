@@ -30,6 +30,7 @@ from ..convert import (
     weight_files,
 )
 from ..labels import IMAGENET_1K, IMAGENET_22K, imagenet_labels
+from ..utils import relative_error
 from .detect import (
     Architecture,
     architecture_from_config,
@@ -250,12 +251,6 @@ def build_model(plan: ConversionPlan, converted: Mapping[str, torch.Tensor]):
     return model.eval()
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    scale = ref.norm()
-    return ((out - ref).norm() / (scale if scale > 0 else 1)).item()
-
-
 @dataclass
 class Verification:
     num_tensors: int
@@ -304,7 +299,7 @@ def verify_expected(model, expected: str | os.PathLike, tolerance: float = DEFAU
         if tuple(value.shape) != tuple(reference[name].shape):
             raise ConversionError(f"verification against {path.name} failed: {name} has shape {tuple(value.shape)}, "
                                   f"expected {tuple(reference[name].shape)}")
-        errors[name] = _rel_err(value, reference[name])
+        errors[name] = relative_error(value, reference[name])
     result = Verification(num_tensors=0, expected=path.name, errors=errors, tolerance=float(tolerance))
     if not result.passed:
         raise ConversionError(f"verification against {path.name} failed: relative errors {result.errors_text()} "
