@@ -69,11 +69,6 @@ def rename_official_key(key: str, prefix: str = "internimage.") -> str:
     return key
 
 
-def is_official_layout(keys) -> bool:
-    """True for official/OpenGVLab key names (they have `patch_embed`, we have `embeddings`)."""
-    return any(k.startswith(("patch_embed.", "model.patch_embed.")) for k in keys)
-
-
 def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str = "internimage.") -> dict:
     """Rename an official state dict to this package's names (no tensor is copied or changed)."""
     converted = {}
