@@ -135,6 +135,57 @@ def test_random_shapes_low_precision(kernel, params, dtype):
         assert_close(a, b, tol * 4, f"grad {name}")
 
 
+def with_logits(x, offset, mask, args, magnitude, seed):
+    """The case with mask logits (random, of the given magnitude) instead of normalised masks."""
+    g = torch.Generator().manual_seed(seed + 7)
+    logits = magnitude * torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    return x, offset, logits.to(mask.dtype), args
+
+
+def fused_reference(x, offset, logits, *args):
+    return dcnv3_core_reference(x, offset, logits, *args, mask_softmax=True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                  HealthCheck.too_slow])
+@given(params=op_params(), magnitude=st.sampled_from([0.3, 3.0, 30.0, 300.0]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+def test_fused_mask_softmax_matches_reference(kernel, params, magnitude, dtype):
+    """mask_softmax=True (softmax over each pixel and group's points inside the kernel, gradients to the logits)
+    against softmax-then-op in the reference; large magnitudes drive most exponentials to underflow."""
+    x, offset, logits, args = with_logits(*make_case(**params, dtype=dtype), magnitude, params["seed"])
+    out_ref, g_ref = grads(fused_reference, x, offset, logits, args)
+    out, g = grads(lambda *a: kernel.dcnv3_core(*a, True), x, offset, logits, args)
+    assert out.dtype == dtype and all(t.dtype == dtype for t in g)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert_close(out, out_ref, tol, "output")
+    for name, a, b in zip(("input", "offset", "logits"), g, g_ref):
+        assert_close(a, b, tol * 10 if dtype == torch.float64 else tol * 4, f"grad {name}")
+
+
+@pytest.mark.parametrize("params", [dict(), dict(kh=5, kw=5, pad=(2, 2), rc=1, scale=2.0), dict(gc=16, group=3)])
+def test_gradcheck_fused_mask_softmax(kernel, params):
+    x, offset, logits, args = with_logits(*make_case(n=1, h=4, w=5, **params), 2.0, 0)
+    offset = offsets_off_the_kinks(offset, args[10])
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x, offset, logits))
+    assert torch.autograd.gradcheck(lambda a, b, c: kernel.dcnv3_core(a, b, c, *args, True), inputs, eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+
+
+def test_kernel_without_fused_softmax_gets_softmaxed_masks(use_kernel, monkeypatch):
+    """A kernel built before mask_softmax existed (no "mask_softmax" in FEATURES) still serves mask_softmax calls:
+    the softmax then runs in Python first."""
+    op = loader.get_compiled_op(required=True)
+    x, offset, logits, args = with_logits(*make_case(dtype=torch.float32), 3.0, 0)
+    expected = fused_reference(x, offset, logits, *args)
+    monkeypatch.setattr(op, "fuses_mask_softmax", False)
+    calls = []
+    monkeypatch.setattr(op, "_core", lambda *a: calls.append(len(a)) or use_kernel.dcnv3_core(*a))
+    out = dcnv3_core(x, offset, logits, *args, mask_softmax=True, backend="compiled")
+    assert calls == [15]  # official arguments only: no mask_softmax flag reached the old kernel
+    assert rel_err(out, expected) < 1e-6
+
+
 def offsets_off_the_kinks(offset, scale):
     """Offsets whose samples sit 0.15..0.85 px from every pixel row/column (bilinear has kinks at integers)."""
     frac = 0.15 + 0.7 * torch.rand(offset.shape, generator=torch.Generator().manual_seed(3), dtype=offset.dtype)

@@ -51,8 +51,8 @@ namespace {
 #endif
 
 template <typename S>
-using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, const Points<acc_t<S>>&,
-                           int64_t, int64_t);
+using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, acc_t<S>*,
+                           const Points<acc_t<S>>&, int64_t, int64_t);
 template <typename S>
 using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const S*, acc_t<S>*, S*, S*,
                             const RunScratch<S>&, int64_t, int64_t, int64_t, int64_t);
@@ -61,9 +61,9 @@ using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const 
   namespace NS {                                                                                                \
   template <typename S, int CG>                                                                                 \
   TARGET DCNV3_NOINLINE void forward(const Problem& pb, const S* input, const S* offset, const S* mask,        \
-                                     S* output, acc_t<S>* scratch, const Points<acc_t<S>>& pts, int64_t begin,  \
-                                     int64_t end) {                                                             \
-    forward_pixels<S, CG, VB>(pb, input, offset, mask, output, scratch, pts, begin, end);                       \
+                                     S* output, acc_t<S>* scratch, acc_t<S>* probs,                             \
+                                     const Points<acc_t<S>>& pts, int64_t begin, int64_t end) {                 \
+    forward_pixels<S, CG, VB>(pb, input, offset, mask, output, scratch, probs, pts, begin, end);                \
   }                                                                                                             \
   template <typename S, int CG>                                                                                 \
   TARGET DCNV3_NOINLINE void backward(const Problem& pb, const S* grad_output, const S* input, const S* offset, \
@@ -194,7 +194,8 @@ void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stri
     }
 }
 
-Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale, const Bases& bases) {
+Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale, bool mask_softmax,
+                     const Bases& bases) {
   Problem pb;
   pb.N = s.N;
   pb.H = s.H;
@@ -213,6 +214,7 @@ Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset
   pb.base_x_groups = bases.x_groups.data();
   pb.base_y_groups = bases.y_groups.data();
   pb.run = bases.run;
+  pb.mask_softmax = mask_softmax;
   return pb;
 }
 
@@ -271,18 +273,20 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
   const int64_t chunks = (pixels + per_chunk - 1) / per_chunk;
   const int64_t point_count = pb.run * pb.G * pb.P;
   struct Scratch {
-    std::vector<A> acc;
+    std::vector<A> acc, probs;
     std::vector<char> points;
   };
   parallel_chunks(
       chunks,
       [&] {
         return Scratch{std::vector<A>(std::is_same<S, A>::value ? 0 : pb.C),
+                       std::vector<A>(pb.mask_softmax ? point_count : 0),
                        std::vector<char>(points_bytes<A>(point_count))};
       },
       [&](int64_t c, Scratch& sc) {
         const int64_t begin = c * per_chunk, end = std::min(pixels, begin + per_chunk);
-        fn(pb, in, off, msk, out, sc.acc.data(), carve_points<A>(sc.points.data(), point_count), begin, end);
+        fn(pb, in, off, msk, out, sc.acc.data(), sc.probs.data(), carve_points<A>(sc.points.data(), point_count),
+           begin, end);
       });
 }
 
@@ -322,17 +326,20 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
   struct Scratch {
     std::vector<S> off, msk;
     std::vector<float> by;
-    std::vector<A> go;
+    std::vector<A> go, probs, gm;
     std::vector<char> points;
     RunScratch<S> rs;
   };
   auto setup = [&] {
     Scratch sc{std::vector<S>(run_points * 2), std::vector<S>(run_points), std::vector<float>(run_points),
-               std::vector<A>(pb.Cg), std::vector<char>(points_bytes<A>(run_points)), RunScratch<S>{}};
+               std::vector<A>(pb.Cg), std::vector<A>(run_points), std::vector<A>(pb.P),
+               std::vector<char>(points_bytes<A>(run_points)), RunScratch<S>{}};
     sc.rs.off = sc.off.data();
     sc.rs.msk = sc.msk.data();
     sc.rs.by = sc.by.data();
     sc.rs.go = sc.go.data();
+    sc.rs.probs = sc.probs.data();
+    sc.rs.gm = sc.gm.data();
     sc.rs.pts = carve_points<A>(sc.points.data(), run_points);
     return sc;
   };
@@ -378,7 +385,8 @@ using namespace internimage_dcnv3;
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
                              int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                              int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                             int64_t group_channels, double offset_scale, int64_t remove_center) {
+                             int64_t group_channels, double offset_scale, int64_t remove_center,
+                             bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, group, group_channels, remove_center);
   cpu::check_cpu(input_, "input");
@@ -390,7 +398,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   cpu::Bases bases;
   cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
                   remove_center != 0, bases);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, bases);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, mask_softmax, bases);
   switch (input.scalar_type()) {
     case at::kDouble:
       cpu::run_forward<double>(pb, input, offset, mask, output);
@@ -409,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
-    int64_t remove_center) {
+    int64_t remove_center, bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, group, group_channels, remove_center);
   cpu::check_cpu(input_, "input");
@@ -433,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
   cpu::Bases bases;
   cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
                   remove_center != 0, bases);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, bases);
+  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, mask_softmax, bases);
   switch (input.scalar_type()) {
     case at::kDouble:
       cpu::run_backward<double>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);

@@ -92,7 +92,63 @@ struct Problem {
   const float* base_x_groups;
   const float* base_y_groups;
   int64_t run;
+  bool mask_softmax;  // mask holds logits: softmax over each (pixel, group)'s P points first (fused)
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused mask softmax
+// ---------------------------------------------------------------------------------------------------------------
+
+// exp(x) for x <= 0 (a softmax argument after subtracting its row maximum), branch-free so that the loop over a
+// block of points vectorises: Cephes' expf polynomial (within 2 ulp of exp), exact 0 below -87, NaN stays NaN.
+DCNV3_CPU_INLINE float exp_nonpositive(float x) {
+  const float t = x < -87.0f ? -87.0f : x;
+  // n = round(t / ln 2) by the 1.5 * 2^23 trick (floorf would not vectorise without -fno-trapping-math).
+  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (t - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float e = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) * (1 << 23));
+  return x != x ? x : (x < -87.0f ? 0.0f : e);
+}
+DCNV3_CPU_INLINE double exp_nonpositive(double x) { return __builtin_exp(x); }
+
+// out[r * P + p] = softmax over p of logits[r * P + p], for `rows` rows, in the accumulation type. The exponentials,
+// the costly part, run as one vector loop over the whole block; PP > 0 fixes P at compile time.
+template <typename S, int PP>
+DCNV3_CPU_INLINE void softmax_rows_impl(const S* DCNV3_RESTRICT logits, int64_t rows, int64_t P_,
+                                        acc_t<S>* DCNV3_RESTRICT out) {
+  using A = acc_t<S>;
+  const int64_t P = PP > 0 ? PP : P_;
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* row = logits + r * P;
+    A top = load(row[0]);
+    for (int64_t p = 1; p < P; ++p) top = load(row[p]) > top ? load(row[p]) : top;
+    for (int64_t p = 0; p < P; ++p) out[r * P + p] = load(row[p]) - top;
+  }
+  const int64_t count = rows * P;
+  for (int64_t j = 0; j < count; ++j) out[j] = exp_nonpositive(out[j]);
+  for (int64_t r = 0; r < rows; ++r) {
+    A* row = out + r * P;
+    A sum = row[0];
+    for (int64_t p = 1; p < P; ++p) sum += row[p];
+    const A inv = A(1) / sum;
+    for (int64_t p = 0; p < P; ++p) row[p] *= inv;
+  }
+}
+
+template <typename S>
+DCNV3_CPU_INLINE void softmax_rows(const S* DCNV3_RESTRICT logits, int64_t rows, int64_t P,
+                                   acc_t<S>* DCNV3_RESTRICT out) {
+  if (P == 9) return softmax_rows_impl<S, 9>(logits, rows, P, out);  // 3x3 kernels
+  if (P == 8) return softmax_rows_impl<S, 8>(logits, rows, P, out);  // 3x3 with remove_center
+  softmax_rows_impl<S, 0>(logits, rows, P, out);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Pass 1: locating points
@@ -143,10 +199,10 @@ inline Points<A> carve_points(void* scratch, int64_t count) {
 
 // Locate `count` points: bx/by the fixed parts, off the (dx, dy) pairs, msk the masks, all contiguous. Branch-free,
 // so that the compiler turns it into a vector loop.
-template <typename S>
+template <typename S, typename M>
 DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const float* DCNV3_RESTRICT bx,
                                     const float* DCNV3_RESTRICT by, const S* DCNV3_RESTRICT off,
-                                    const S* DCNV3_RESTRICT msk, const Points<acc_t<S>>& pts) {
+                                    const M* DCNV3_RESTRICT msk, const Points<acc_t<S>>& pts) {
   using A = acc_t<S>;
   const A scale = static_cast<A>(pb.offset_scale);
   const A w_pad = static_cast<A>(pb.W + 2 * pb.pad_w);
@@ -385,13 +441,14 @@ DCNV3_CPU_INLINE void group_sums4(const Group<A, CG, VB> (&x)[4], A out[4]) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: output pixels [begin, end) of the flattened (N, Ho, Wo) range. scratch: C accumulators (bfloat16 on the
-// generic path); pts: room for run * G * P points.
+// generic path); probs (fused softmax) and pts: room for run * G * P points.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename S, int CG, int VB>
 DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT input,
                                      const S* DCNV3_RESTRICT offset, const S* DCNV3_RESTRICT mask,
                                      S* DCNV3_RESTRICT output, acc_t<S>* DCNV3_RESTRICT scratch,
-                                     const Points<acc_t<S>>& pts, int64_t begin, int64_t end) {
+                                     acc_t<S>* DCNV3_RESTRICT probs, const Points<acc_t<S>>& pts, int64_t begin,
+                                     int64_t end) {
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same<S, A>::value;
   const int64_t Cg = CG > 0 ? CG : pb.Cg;
@@ -405,8 +462,14 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
     const int64_t wo = hw - ho * Wo;
     int64_t count = pb.run < end - pix0 ? pb.run : end - pix0;  // pixels of this row located together
     count = count < Wo - wo ? count : Wo - wo;
-    locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
-                     offset + pix0 * GP * 2, mask + pix0 * GP, pts);
+    if (pb.mask_softmax) {
+      softmax_rows<S>(mask + pix0 * GP, count * G, P, probs);
+      locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
+                       offset + pix0 * GP * 2, probs, pts);
+    } else {
+      locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
+                       offset + pix0 * GP * 2, mask + pix0 * GP, pts);
+    }
     const S* image = input + n * H * W * C;
     for (int64_t r = 0; r < count; ++r) {
       const int64_t pix = pix0 + r;
@@ -468,6 +531,8 @@ struct RunScratch {
   S* msk;        // kBackwardPixels * P gathered masks
   float* by;     // kBackwardPixels * P fixed y parts
   acc_t<S>* go;  // Cg (bfloat16 grad_output converted, generic path)
+  acc_t<S>* probs;  // kBackwardPixels * P softmaxed masks (fused softmax)
+  acc_t<S>* gm;     // P gradients with respect to the softmaxed masks of one pixel (fused softmax)
   Points<acc_t<S>> pts;  // kBackwardPixels * P
 };
 
@@ -530,7 +595,12 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
           rs.by[i * P + p] = pb.base_y[ho * P + p];
         }
       }
-      locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
+      if (pb.mask_softmax) {
+        softmax_rows<S>(rs.msk, run, P, rs.probs);
+        locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.probs, pts);
+      } else {
+        locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
+      }
 
       for (int64_t i = 0; i < run; ++i) {
         const int64_t pix = pix0 + i;
@@ -580,9 +650,20 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
           }
           A gm, gx, gy;
           point_gradients<A>(w, du, dv, dot, m, scale, gm, gx, gy);
-          store(gm, grad_mask[k]);
+          if (pb.mask_softmax) {
+            rs.gm[p] = gm;
+          } else {
+            store(gm, grad_mask[k]);
+          }
           store(gx, grad_offset[2 * k]);
           store(gy, grad_offset[2 * k + 1]);
+        }
+        if (pb.mask_softmax) {
+          // Through the softmax: d logit_p = prob_p * (d prob_p - sum_q prob_q * d prob_q).
+          const A* prob = pts.m + i * P;
+          A inner = A(0);
+          for (int64_t p = 0; p < P; ++p) inner += prob[p] * rs.gm[p];
+          for (int64_t p = 0; p < P; ++p) store(prob[p] * (rs.gm[p] - inner), grad_mask[k0 + p]);
         }
       }
     }

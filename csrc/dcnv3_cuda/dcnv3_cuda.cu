@@ -306,6 +306,23 @@ void check_cuda(const at::Tensor& t, const char* name) {
               "DCNv3 CUDA kernel supports float64, float32, float16 and bfloat16, got ", dt);
 }
 
+// The fused mask softmax (mask_softmax=true) is not in the CUDA kernels yet: the entry points apply the softmax over
+// each (pixel, group)'s P logits before the kernels and its gradient after them (float32 math for half types).
+at::Tensor point_softmax(const at::Tensor& logits, const Shape& s) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::softmax(logits.view({s.N, s.Ho, s.Wo, s.G, s.P}), -1, acc)
+      .to(logits.scalar_type())
+      .view(logits.sizes())
+      .contiguous();
+}
+
+at::Tensor point_softmax_backward(const at::Tensor& grad_probs, const at::Tensor& probs, const Shape& s) {
+  const auto acc = probs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor p = probs.view({s.N, s.Ho, s.Wo, s.G, s.P}).to(acc);
+  const at::Tensor g = grad_probs.view({s.N, s.Ho, s.Wo, s.G, s.P}).to(acc);
+  return (p * (g - (p * g).sum(-1, true))).to(probs.scalar_type()).view(probs.sizes());
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace internimage_dcnv3
@@ -315,14 +332,15 @@ using namespace internimage_dcnv3;
 at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
                               int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                               int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                              int64_t group_channels, double offset_scale, int64_t remove_center) {
+                              int64_t group_channels, double offset_scale, int64_t remove_center,
+                              bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, group, group_channels, remove_center);
   gpu::check_cuda(input_, "input");
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
+  const at::Tensor mask = mask_softmax ? gpu::point_softmax(mask_.contiguous(), s) : mask_.contiguous();
   at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
   const int64_t items = s.N * s.Ho * s.Wo * s.G;
   if (items == 0) return output;
@@ -345,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
-    int64_t remove_center) {
+    int64_t remove_center, bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, group, group_channels, remove_center);
   gpu::check_cuda(input_, "input");
@@ -358,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
   const at::Tensor grad_output = grad_output_.to(input_.scalar_type()).contiguous();
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
+  const at::Tensor mask = mask_softmax ? gpu::point_softmax(mask_.contiguous(), s) : mask_.contiguous();
   const bool wide = input.scalar_type() == at::kDouble || input.scalar_type() == at::kFloat;
   // grad_input accumulates with atomics in float32 (float64 for double), then is cast to the input dtype.
   at::Tensor grad_acc = at::zeros(input.sizes(), input.options().dtype(wide ? input.scalar_type() : at::kFloat));
@@ -385,5 +403,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     grad_mask.zero_();
   }
   at::Tensor grad_input = wide ? grad_acc : grad_acc.to(input.scalar_type());
+  if (mask_softmax) grad_mask = gpu::point_softmax_backward(grad_mask, mask, s);
   return {grad_input, grad_offset, grad_mask};
 }

@@ -40,11 +40,12 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "dcnv3_forward(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
-      "float offset_scale, int remove_center) -> Tensor");
+      "float offset_scale, int remove_center, bool mask_softmax=False) -> Tensor");
   ops.def(
       "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, "
-      "int group_channels, float offset_scale, int remove_center) -> (Tensor, Tensor, Tensor)");
+      "int group_channels, float offset_scale, int remove_center, bool mask_softmax=False) "
+      "-> (Tensor, Tensor, Tensor)");
   ops.def("backends() -> str", &dcnv3_backends);
   ops.def("cpu_isa(int request) -> int", &dcnv3_cpu_isa);
 

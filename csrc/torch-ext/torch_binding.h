@@ -7,18 +7,20 @@
 #include <tuple>
 
 // Official DCNv3 argument order, channels-last: input (N, H, W, G*Cg), offset (N, Ho, Wo, G*P*2) as (dx, dy) pairs,
-// mask (N, Ho, Wo, G*P). Returns (N, Ho, Wo, G*Cg).
+// mask (N, Ho, Wo, G*P). Returns (N, Ho, Wo, G*Cg). mask_softmax: mask holds logits, softmaxed over each (pixel,
+// group)'s P points inside the op (grad_mask is then the gradient with respect to the logits).
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
                              int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                              int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                             int64_t group_channels, double offset_scale, int64_t remove_center);
+                             int64_t group_channels, double offset_scale, int64_t remove_center,
+                             bool mask_softmax);
 
 // Gradients with respect to (input, offset, mask).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
-    int64_t remove_center);
+    int64_t remove_center, bool mask_softmax);
 
 // Instruction-set level of the CPU kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512. request < 0 only queries; otherwise
 // the level is set to min(request, what this CPU supports). Returns the level in use.
@@ -28,11 +30,12 @@ int64_t dcnv3_cpu_isa(int64_t request);
 at::Tensor dcnv3_forward_cuda(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
                               int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                               int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                              int64_t group_channels, double offset_scale, int64_t remove_center);
+                              int64_t group_channels, double offset_scale, int64_t remove_center,
+                              bool mask_softmax);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
-    int64_t remove_center);
+    int64_t remove_center, bool mask_softmax);
 #endif

@@ -55,7 +55,7 @@ _FAST_PATHS = True
 
 @contextlib.contextmanager
 def fast_paths(enabled: bool):
-    """Turn this module's CPU inference fast paths (oneDNN linear + fused GELU, elementwise mask softmax) on or off.
+    """Turn the CPU fast paths (oneDNN linear + fused GELU, fused mask softmax) on or off.
 
     Off, every layer runs the plain PyTorch ops the official implementation uses (for benchmarks and debugging);
     results agree to float32 rounding either way.
@@ -202,23 +202,6 @@ class InternImageDepthwiseConv(InternImageConvNorm):
         return self.act(super().forward(to_channels_first(x)))
 
 
-def point_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last, tiny dimension (the P sampling points of a group).
-
-    torch.softmax reduces a 9-wide last dimension poorly on CPU (about 10% of InternImage-T's inference time);
-    without autograd, these elementwise passes are 3-5x faster. With autograd, torch.softmax saves the least for
-    backward. Half precision is computed in float32.
-    """
-    dtype = logits.dtype
-    if not _FAST_PATHS or (torch.is_grad_enabled() and logits.requires_grad):
-        return logits.softmax(-1, dtype=torch.float32).to(dtype)  # saves only its output for backward
-    if dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
-    weights.div_(weights.sum(dim=-1, keepdim=True))
-    return weights.to(dtype)
-
-
 class InternImageDCNv3(nn.Module):
     """DCNv3 layer: input projection, offset/mask prediction, deformable sampling (`DCNv3Core`), output projection."""
 
@@ -249,11 +232,10 @@ class InternImageDCNv3(nn.Module):
         self.input_proj._internimage_init = self.output_proj._internimage_init = "xavier"
 
     def sampling_parameters(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Offsets, softmaxed masks and (H/G) the centre-feature gate, all predicted from the depthwise branch."""
-        n, h, w, _ = hidden_states.shape
+        """Offsets, mask logits and (H/G) the centre-feature gate, all predicted from the depthwise branch."""
         features = self.dw_conv(hidden_states)
         offset = self.offset(features)
-        mask = point_softmax(self.mask(features).view(n, h, w, self.groups, self.points)).view(n, h, w, -1)
+        mask = self.mask(features)
         if self.center_feature_scale_proj is None:
             return offset, mask
         return offset, mask, torch.sigmoid(self.center_feature_scale_proj(features))
@@ -267,9 +249,14 @@ class InternImageDCNv3(nn.Module):
         else:
             params = self.sampling_parameters(hidden_states)
         offset, mask = params[0], params[1]
+        # The softmax over each group's points runs inside the op (fused into the compiled CPU kernel); with the
+        # fast paths off, in PyTorch first, as the official code does.
+        fused = _FAST_PATHS
+        if not fused:
+            mask = mask.unflatten(-1, (self.groups, self.points)).softmax(-1, dtype=torch.float32).flatten(-2)
         pad = (self.kernel_size - 1) // 2
         out = self.core(x, offset, mask.to(x.dtype), self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
-                        self.groups, self.group_channels, self.offset_scale, self.remove_center)
+                        self.groups, self.group_channels, self.offset_scale, self.remove_center, fused)
         if self.center_feature_scale_proj is not None:
             scale = params[2].repeat_interleave(self.group_channels, dim=-1)
             out = out * (1 - scale) + x * scale

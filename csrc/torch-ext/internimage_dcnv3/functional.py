@@ -6,7 +6,11 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["dcnv3_core", "dcnv3_forward", "dcnv3_backward", "supports", "backends", "cpu_isa"]
+__all__ = ["dcnv3_core", "dcnv3_forward", "dcnv3_backward", "supports", "backends", "cpu_isa", "FEATURES"]
+
+# What this build's ops accept beyond the official arguments (callers check before using them):
+# "mask_softmax": the mask may be passed as logits and is softmaxed over each (pixel, group)'s points in the op.
+FEATURES = frozenset({"mask_softmax"})
 
 _DTYPES = {
     "cpu": (torch.float64, torch.float32, torch.bfloat16),
@@ -52,7 +56,7 @@ def _register(kind: str, name: str, fn, **kwargs) -> None:
 
 
 def _forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                  dilation_w, group, group_channels, offset_scale, remove_center):
+                  dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
     n, h, w, c = input.shape
     h_out = _output_size(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = _output_size(w, kernel_w, stride_w, pad_w, dilation_w)
@@ -81,29 +85,34 @@ _register("autograd", "dcnv3_forward", _backward, setup_context=_setup_context)
 
 
 def dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                  dilation_w, group, group_channels, offset_scale, remove_center) -> torch.Tensor:
+                  dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False) -> torch.Tensor:
     """The registered forward op (differentiable through its registered autograd formula)."""
     return ops.dcnv3_forward(input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w),
                              int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
-                             int(group_channels), float(offset_scale), int(remove_center))
+                             int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
 
 
 def dcnv3_backward(grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                   dilation_h, dilation_w, group, group_channels, offset_scale, remove_center):
-    """The registered backward op: (grad_input, grad_offset, grad_mask)."""
+                   dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
+    """The registered backward op: (grad_input, grad_offset, grad_mask); grad_mask is for the logits if
+    mask_softmax."""
     return ops.dcnv3_backward(grad_output, input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h),
                               int(stride_w), int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
-                              int(group_channels), float(offset_scale), int(remove_center))
+                              int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
 
 
 def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
                stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
-               group_channels: int, offset_scale: float, remove_center: int) -> torch.Tensor:
-    """DCNv3 core (official argument order). offset and mask are cast to input's dtype (as under autocast)."""
+               group_channels: int, offset_scale: float, remove_center: int,
+               mask_softmax: bool = False) -> torch.Tensor:
+    """DCNv3 core (official argument order). offset and mask are cast to input's dtype (as under autocast).
+
+    mask_softmax: `mask` holds logits, softmaxed over each (pixel, group)'s points inside the op (one pass fewer
+    over memory than softmax, then the op; gradients flow to the logits)."""
     if offset.dtype != input.dtype:
         offset = offset.to(input.dtype)
     if mask.dtype != input.dtype:
         mask = mask.to(input.dtype)
     return dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                         dilation_w, group, group_channels, offset_scale, remove_center)
+                         dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax)
 

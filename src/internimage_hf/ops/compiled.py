@@ -12,6 +12,8 @@ from types import ModuleType
 
 import torch
 
+from .reference import point_softmax
+
 
 class DCNv3KernelWarning(UserWarning):
     """The compiled DCNv3 kernel is not used (the pure-PyTorch reference runs instead); the message says why."""
@@ -49,6 +51,8 @@ class CompiledDCNv3:
         self.backends = tuple(module.backends())
         self._core = module.dcnv3_core
         self._supports = module.supports
+        # Kernels built before the fused mask softmax existed get softmaxed masks from Python instead.
+        self.fuses_mask_softmax = "mask_softmax" in getattr(module, "FEATURES", ())
 
     def supports(self, input: torch.Tensor) -> bool:
         if self._supports(input):
@@ -58,9 +62,14 @@ class CompiledDCNv3:
         return False
 
     def __call__(self, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                 dilation_w, group, group_channels, offset_scale, remove_center) -> torch.Tensor:
-        return self._core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                          dilation_w, group, group_channels, offset_scale, remove_center)
+                 dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False) -> torch.Tensor:
+        args = (input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+                group, group_channels, offset_scale, remove_center)
+        if not mask_softmax:
+            return self._core(*args)
+        if self.fuses_mask_softmax:
+            return self._core(*args, True)
+        return self._core(input, offset, point_softmax(mask, group), *args[3:])
 
     def __repr__(self) -> str:
         return f"CompiledDCNv3(source={self.source!r}, backends={self.backends})"

@@ -45,15 +45,19 @@ def dcnv3_core(
     group_channels: int,
     offset_scale: float,
     remove_center: int,
+    mask_softmax: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """DCNv3 core op (official argument order, channels-last). See SPEC §1 for the math.
+
+    mask_softmax: `mask` holds logits; the softmax over each (pixel, group)'s points is done in the op (fused into
+    the compiled CPU kernel: one pass over memory fewer than softmax, then the op).
 
     backend: "auto" (compiled if available, else reference with one warning), "compiled" (error if unavailable),
     "reference" (pure PyTorch). Default: $INTERNIMAGE_DCNV3_BACKEND or "auto".
     """
     args = (input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-            group, group_channels, offset_scale, remove_center)
+            group, group_channels, offset_scale, remove_center, mask_softmax)
     choice = resolve_backend(backend)
     if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
         op = _compiled_op(required=choice == "compiled")
@@ -92,6 +96,7 @@ class DCNv3Core(nn.Module):
         group_channels: int,
         offset_scale: float,
         remove_center: int,
+        mask_softmax: bool = False,
     ) -> torch.Tensor:
         return dcnv3_core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                          dilation_w, group, group_channels, offset_scale, remove_center)
+                          dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax)
