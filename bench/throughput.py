@@ -29,6 +29,23 @@ TOP1 = {"internimage-t": 83.5, "internimage-s": 84.2, "internimage-b": 84.9, "co
         "convnext-b": 83.8, "swin-t": 81.3, "swin-s": 83.0, "swin-b": 83.5, "mvitv2-t": 82.3, "mvitv2-s": 83.6}
 
 
+def with_trained_like_sampling(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every DCNv3 layer non-zero offset and mask projections, as in a trained model.
+
+    The official initialisation zeroes them: every sample then sits on its own pixel grid, and the DCNv3 op runs
+    ~1.8x faster than with the spread-out offsets of real weights (better cache locality). Offsets of about a pixel
+    and uneven point weights keep the benchmark honest about what a trained InternImage costs.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "InternImageDCNv3":
+                for linear, spread in ((module.offset, 2.0), (module.mask, 1.0)):  # offsets: mean |d| ~1 px
+                    fan_in = linear.weight.shape[1]
+                    linear.weight.copy_(spread * torch.randn(linear.weight.shape, generator=generator) / fan_in**0.5)
+    return model
+
+
 def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
     """Randomly initialised classifier (no download). `tiny` shrinks every family for smoke tests."""
     family, size = name.rsplit("-", 1)
@@ -40,7 +57,7 @@ def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
                                                       num_labels=1000)
         else:
             config = internimage_hf.InternImageConfig.from_variant(size, num_labels=1000)
-        return internimage_hf.InternImageForImageClassification(config)
+        return with_trained_like_sampling(internimage_hf.InternImageForImageClassification(config))
     if family == "convnext":
         from transformers import ConvNextConfig, ConvNextForImageClassification
 
