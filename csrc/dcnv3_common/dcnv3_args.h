@@ -64,4 +64,14 @@ inline Shape check_args(const at::Tensor& input, const at::Tensor& offset, const
   return s;
 }
 
+// The backward's grad_output: on the input's device, shaped like the forward's output.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const Shape& s) {
+  TORCH_CHECK(grad_output.device() == input.device(), "DCNv3: grad_output must be on the input's device (",
+              input.device(), "), got ", grad_output.device());
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.Ho &&
+                  grad_output.size(2) == s.Wo && grad_output.size(3) == s.C,
+              "DCNv3: grad_output must have shape (", s.N, ", ", s.Ho, ", ", s.Wo, ", ", s.C, "), got ",
+              grad_output.sizes());
+}
+
 }  // namespace internimage_dcnv3

@@ -421,11 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                              dilation_h, dilation_w, group, group_channels, remove_center);
   cpu::check_cpu(input_, "input");
-  TORCH_CHECK(grad_output_.device().is_cpu(), "DCNv3 CPU kernel: grad_output must be a CPU tensor");
-  TORCH_CHECK(grad_output_.dim() == 4 && grad_output_.size(0) == s.N && grad_output_.size(1) == s.Ho &&
-                  grad_output_.size(2) == s.Wo && grad_output_.size(3) == s.C,
-              "DCNv3: grad_output must have shape (", s.N, ", ", s.Ho, ", ", s.Wo, ", ", s.C, "), got ",
-              grad_output_.sizes());
+  check_grad_output(grad_output_, input_, s);
   const at::Tensor grad_output = grad_output_.to(input_.scalar_type()).contiguous();
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();

@@ -3,8 +3,8 @@
 `dcnv3_core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
 group, group_channels, offset_scale, remove_center, mask_softmax=False)` takes the official argument order,
 channels-last tensors, and is differentiable in input, offset and mask (with mask_softmax, the mask is given as
-logits and softmaxed over each pixel and group's points inside the op). The ops are registered with a fake (meta) implementation and an
-autograd formula, so `torch.compile(fullgraph=True)` traces through them.
+logits and softmaxed over each pixel and group's points inside the op). The ops are registered with a fake (meta)
+implementation and an autograd formula, so `torch.compile(fullgraph=True)` traces through them.
 
 Only relative imports, the standard library and torch are used here (a Hub kernel requirement).
 """
