@@ -387,6 +387,18 @@ def test_metadata_and_layout(kernel_dir):
         assert (kernel_dir / name).is_file()
 
 
+def test_local_build_runs_on_torch_threads(kernel, kernel_dir):
+    """at::parallel_for is inline code: compiled without OpenMP it silently runs on one thread (the kernel did, until
+    the build passed -fopenmp). The library must call into OpenMP, which resolves to the runtime torch loaded."""
+    if torch.__config__.parallel_info().find("parallel backend: OpenMP") < 0:
+        pytest.skip("this torch does not use the OpenMP backend")
+    libs = [p for p in kernel_dir.iterdir() if p.suffix in {".so", ".pyd"}]
+    assert libs and all(b"GOMP_parallel" in lib.read_bytes() for lib in libs)
+    maps = Path("/proc/self/maps")
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line} if maps.exists() else ()
+    assert len(loaded) <= 1, f"two OpenMP runtimes in one process: {loaded}"
+
+
 def test_get_local_kernel_loads_the_build(kernel_dir):
     kernels = pytest.importorskip("kernels")
     module = kernels.get_local_kernel(kernel_dir.parents[1], backend="cpu")

@@ -69,12 +69,21 @@ def _source_files(src: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(src).as_posix())
 
 
+# Host compiler flags of the local build. -fopenmp is what makes at::parallel_for (inline code compiled into the
+# extension; torch's CPU wheels use the OpenMP backend) run on several threads: without it the kernel silently ran
+# on one. The library then needs libgomp.so.1, which resolves to the copy torch has already loaded.
+HOST_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-DDCNV3_LOCAL_BUILD"]
+HOST_LDFLAGS = ["-fopenmp"]
+
+
 def source_digest(src: Path | None = None) -> str:
-    """SHA-256 over the kernel sources (paths and contents): a build is current when its digest matches."""
+    """SHA-256 over the kernel sources (paths and contents) and the build flags: a build is current when its digest
+    matches."""
     src = src or source_dir()
     if src is None:
         raise KernelBuildError("DCNv3 kernel sources (csrc/) not found in this installation")
     h = hashlib.sha256()
+    h.update(" ".join(HOST_CFLAGS + HOST_LDFLAGS).encode() + b"\0")
     for path in _source_files(src):
         h.update(path.relative_to(src).as_posix().encode())
         h.update(b"\0")
@@ -155,7 +164,7 @@ import json, sys
 cfg = json.loads(sys.argv[1])
 from torch.utils.cpp_extension import load
 load(name=cfg["name"], sources=cfg["sources"], extra_cflags=cfg["cflags"], extra_cuda_cflags=cfg["cuda_cflags"],
-     extra_include_paths=cfg["include"], build_directory=cfg["build_dir"], verbose=cfg["verbose"],
+     extra_ldflags=cfg["ldflags"], extra_include_paths=cfg["include"], build_directory=cfg["build_dir"], verbose=cfg["verbose"],
      with_cuda=cfg["with_cuda"], is_python_module=True)
 """
 
@@ -250,7 +259,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
         try:
             obj_dir = staging / "obj"
             obj_dir.mkdir()
-            cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-fno-math-errno"]
+            cflags = list(HOST_CFLAGS)
             cuda_cflags: list[str] = []
             sources = [str(src / s) for s in CPU_SOURCES]
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
@@ -258,9 +267,9 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
                 cflags.append("-DDCNV3_WITH_CUDA")
                 cuda_cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", "-lineinfo"]
                 sources += [str(src / s) for s in CUDA_SOURCES]
-            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "cuda_cflags": cuda_cflags,
-                   "include": [str(src), str(src / "torch-ext")], "build_dir": str(obj_dir), "verbose": verbose,
-                   "with_cuda": with_cuda}
+            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "ldflags": HOST_LDFLAGS,
+                   "cuda_cflags": cuda_cflags, "include": [str(src), str(src / "torch-ext")],
+                   "build_dir": str(obj_dir), "verbose": verbose, "with_cuda": with_cuda}
             _run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)], verbose, "compile", log,
                  {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None)
             libs = [p for p in obj_dir.iterdir() if p.name.startswith(ext_name) and p.suffix in {".so", ".pyd"}]
