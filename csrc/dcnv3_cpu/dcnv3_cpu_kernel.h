@@ -4,11 +4,13 @@
 // Two passes per block of sampling points:
 // 1. locate_points: a branch-free vector loop over many points (all G*P points of an output pixel in the forward,
 //    the P points of a run of pixels of one group in the backward) computing, with the shared math, each point's
-//    four corner addresses (clamped into the image), which corners lie inside, the bilinear weights, weights * mask,
-//    and what the backward needs for the derivatives. Offsets and masks are read once per (pixel, group, point).
+//    four corner addresses (clamped into the image), which corners lie inside, the bilinear weights and the mask
+//    (the backward also weights * mask and what it needs for the derivatives). Offsets and masks are read once per
+//    (pixel, group, point).
 // 2. the channel pass: per point, four corner rows of the group's Cg contiguous channels, combined with vector
-//    instructions. For the group widths of the released models (16, 32) a group is one vector value (GCC/Clang
-//    vector extensions) held in registers; other widths use plain loops.
+//    instructions (forward: the point's bilinear sample, then mask * sample into the output). For the group widths
+//    of the released models (16, 32) a group is one vector value (GCC/Clang vector extensions) held in registers;
+//    other widths use plain loops.
 //
 // Every function here is force-inlined so that the instruction-set specific wrappers in dcnv3_cpu.cpp (AVX2,
 // AVX-512) compile the whole loop nest for their target.
@@ -198,8 +200,9 @@ inline Points<A> carve_points(void* scratch, int64_t count) {
 }
 
 // Locate `count` points: bx/by the fixed parts, off the (dx, dy) pairs, msk the masks, all contiguous. Branch-free,
-// so that the compiler turns it into a vector loop.
-template <typename S, typename M>
+// so that the compiler turns it into a vector loop. The forward (kBackward = false) reads only px, keep, w and m:
+// the rest is not stored, which keeps the pass and its scratch small.
+template <bool kBackward, typename S, typename M>
 DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const float* DCNV3_RESTRICT bx,
                                     const float* DCNV3_RESTRICT by, const S* DCNV3_RESTRICT off,
                                     const M* DCNV3_RESTRICT msk, const Points<acc_t<S>>& pts) {
@@ -252,14 +255,16 @@ DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const floa
     w1[j] = w[1];
     w2[j] = w[2];
     w3[j] = w[3];
-    wm0[j] = w[0] * m;
-    wm1[j] = w[1] * m;
-    wm2[j] = w[2] * m;
-    wm3[j] = w[3] * m;
     mm[j] = m;
-    fx[j] = c.fx;
-    fy[j] = c.fy;
-    flags[j] = c.flags;
+    if constexpr (kBackward) {
+      wm0[j] = w[0] * m;
+      wm1[j] = w[1] * m;
+      wm2[j] = w[2] * m;
+      wm3[j] = w[3] * m;
+      fx[j] = c.fx;
+      fy[j] = c.fy;
+      flags[j] = c.flags;
+    }
   }
 }
 
@@ -464,11 +469,11 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
     count = count < Wo - wo ? count : Wo - wo;
     if (pb.mask_softmax) {
       softmax_rows<S>(mask + pix0 * GP, count * G, P, probs);
-      locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
-                       offset + pix0 * GP * 2, probs, pts);
+      locate_points<false, S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
+                              offset + pix0 * GP * 2, probs, pts);
     } else {
-      locate_points<S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
-                       offset + pix0 * GP * 2, mask + pix0 * GP, pts);
+      locate_points<false, S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
+                              offset + pix0 * GP * 2, mask + pix0 * GP, pts);
     }
     const S* image = input + n * H * W * C;
     for (int64_t r = 0; r < count; ++r) {
@@ -477,12 +482,18 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
 #if DCNV3_VECTOR_EXTENSIONS
       if constexpr (CG > 0) {
         // Branch-free: every point reads its four corners (clamped addresses) and drops the out-of-image ones.
+        // Each point is first sampled on its own (bilinear, as grid_sample), then added with its mask: the samples
+        // are independent, so only P multiply-adds per group form a dependency chain (not 4 P), which keeps the
+        // core's multiply-add units busy instead of waiting on their latency.
         for (int64_t g = 0; g < G; ++g) {
           const S* image_g = image + g * CG;
           Group<A, CG, VB> acc = {};
           for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
-            for (int q = 0; q < 4; ++q)
-              axpy(acc, pts.wm[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+            Group<A, CG, VB> sample =
+                scaled(pts.w[0][j], keep_if(gload<A, CG, VB>(image_g + pts.px[0][j] * C), pts.keep[0][j]));
+            for (int q = 1; q < 4; ++q)
+              axpy(sample, pts.w[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+            axpy(acc, pts.m[j], sample);
           }
           gstore(output + pix * C + g * CG, acc);
         }
@@ -502,7 +513,7 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
         for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
           for (int k = 0; k < 4; ++k) {
             if (!pts.keep[k][j]) continue;
-            const A wk = pts.wm[k][j];
+            const A wk = pts.w[k][j] * pts.m[j];
             const S* DCNV3_RESTRICT r = image_g + pts.px[k][j] * C;
             for (int64_t c = 0; c < Cg; ++c) acc_g[c] += wk * load(r[c]);
           }
@@ -597,9 +608,9 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
       }
       if (pb.mask_softmax) {
         softmax_rows<S>(rs.msk, run, P, rs.probs);
-        locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.probs, pts);
+        locate_points<true, S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.probs, pts);
       } else {
-        locate_points<S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
+        locate_points<true, S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
       }
 
       for (int64_t i = 0; i < run; ++i) {
