@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -101,6 +102,7 @@ class Case:
     times: list[float] = field(default_factory=list)
     peak_mem_mb: float | None = None
     error: str | None = None
+    steps: int = 1  # steps per timed repeat (see timed)
 
     def context(self):
         """Backend selection for InternImage; bf16 runs use CPU/GPU autocast."""
@@ -148,16 +150,20 @@ def sync(device: torch.device):
 
 
 def timed(case: Case, device: torch.device) -> float:
+    """Seconds per step, over `case.steps` back-to-back steps (so that one repeat of a fast case is not a single
+    sub-0.1 s step, where scheduler noise dominates)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        case.step()
+        for _ in range(case.steps):
+            case.step()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
+        return start.elapsed_time(end) / 1000 / case.steps
     begin = time.perf_counter()
-    case.step()
-    return time.perf_counter() - begin
+    for _ in range(case.steps):
+        case.step()
+    return (time.perf_counter() - begin) / case.steps
 
 
 def measure_peak_memory(case: Case, device: torch.device) -> float | None:
@@ -193,9 +199,11 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.3,
+                   help="seconds a timed repeat lasts at least (fast cases run several steps per repeat)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="T models only, batch 1 and 8, float32, fewer repeats")
+    p.add_argument("--quick", action="store_true", help="T models only, batch 1 and 8, float32, one warm-up step")
     p.add_argument("--tiny", action="store_true", help="tiny configurations (keeps the script working in tests)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", default="bench/results/throughput.json")
@@ -204,7 +212,6 @@ def parse_args(argv=None):
     if args.quick:
         args.models = args.models or ["internimage-t", "convnext-t", "swin-t"]
         args.dtype = args.dtype or ["float32"]
-        args.repeats = min(args.repeats, 3)
         args.warmup = min(args.warmup, 1)
     if args.models is None:
         args.models = [f"{f}-{s}" for f in ("internimage", "convnext", "swin") for s in "tsb"]
@@ -252,6 +259,7 @@ def run(args) -> dict:
             for _ in range(args.warmup):
                 case.step()
             sync(device)
+            case.steps = max(1, math.ceil(args.min_time / timed(case, device)))
         except Exception as error:  # a model that cannot run here is reported, not fatal
             case.error = f"{type(error).__name__}: {error}"
     live = [c for c in cases if c.error is None]
@@ -268,7 +276,7 @@ def run(args) -> dict:
                      "dtype": case.dtype, "img_per_s": (case.batch / median) if median else None,
                      "peak_mem_mb": case.peak_mem_mb, "error": case.error})
     return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "size": args.size, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
+            "size": args.size, "repeats": args.repeats, "min_time_s": args.min_time, "date": time.strftime("%Y-%m-%d"),
             "python": platform.python_version(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             / 1024, "rows": rows}
 
