@@ -210,6 +210,39 @@ def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
         assert not onednn_linear_applies(x, model.classifier.weight)
 
 
+def test_packed_onednn_weights_follow_the_parameters():
+    """Inference reuses a oneDNN-packed copy of each Linear weight: it must track in-place updates and dtype moves,
+    and must not leak into deepcopy / torch.save (an opaque oneDNN tensor cannot be pickled)."""
+    import io
+
+    from internimage_hf.modeling_internimage import InternImageLinear, onednn_linear_applies
+
+    torch.manual_seed(0)
+    linear = InternImageLinear(32, 48)
+    x = torch.randn(2, 5, 7, 32)
+    if not onednn_linear_applies(x, linear.weight):
+        pytest.skip("no oneDNN linear in this torch build")
+
+    def exact():
+        return torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+
+    with torch.inference_mode():
+        assert rel_err(linear(x), exact()) < 1e-6
+        assert rel_err(linear(x, gelu=True), torch.nn.functional.gelu(exact())) < 1e-6
+    with torch.no_grad():
+        linear.weight.mul_(-3.0)  # same storage, new version: the packed copy must be rebuilt
+    with torch.inference_mode():
+        assert rel_err(linear(x), exact()) < 1e-6
+    clone = copy.deepcopy(linear)
+    torch.save(linear, io.BytesIO())
+    with torch.inference_mode():
+        assert torch.equal(clone(x), linear(x))
+    linear.to(torch.bfloat16)
+    if onednn_linear_applies(x.bfloat16(), linear.weight):
+        with torch.inference_mode():
+            assert rel_err(linear(x.bfloat16()), exact()) < 1e-2
+
+
 def test_cpu_training_fast_path_gradients_match_float64():
     """The oneDNN training path is as accurate as plain PyTorch, judged against a float64 run."""
     from internimage_hf.modeling_internimage import fast_paths
