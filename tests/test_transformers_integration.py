@@ -206,8 +206,10 @@ def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
     assert rel_err(fast.logits, plain.logits) < 1e-5
     for a, b in zip(fast.hidden_states, plain.hidden_states):
         assert rel_err(a, b) < 1e-5
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear under autocast is already oneDNN bf16
-        assert not onednn_linear_applies(x, model.classifier.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inference on cached bf16 weights, where oneDNN has bf16
+        with torch.no_grad():
+            assert onednn_linear_applies(x, model.classifier.weight) == internimage_hf.modeling_internimage._onednn_bf16()
+        assert not onednn_linear_applies(x, model.classifier.weight)  # training keeps autocast's F.linear
 
 
 def test_packed_onednn_weights_follow_the_parameters():

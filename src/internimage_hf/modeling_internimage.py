@@ -69,18 +69,28 @@ def fast_paths(enabled: bool):
         _FAST_PATHS = previous
 
 
-def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a Linear runs on oneDNN's linear instead of addmm.
+def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear.
 
     On CPU, oneDNN's linear (the kernel torch.compile uses) is 2-3x faster than eager addmm (MKL) for InternImage's
-    shapes, and can fuse the MLP's GELU. Under autocast, F.linear already runs bf16 on oneDNN with cached weight
-    casts (casting per call would be slower); tracing and export keep F.linear too.
+    shapes, and can fuse the MLP's GELU. Under bfloat16 autocast, inference runs it in bfloat16 on a cached bfloat16
+    copy of the weight: autocast itself casts every weight on every call outside training (its cast cache serves
+    autograd only). Training under autocast, tracing and export keep F.linear.
     """
     if not _FAST_PATHS or _ONEDNN_LINEAR is None or _ONEDNN_REORDER is None or x.device.type != "cpu" or _tracing():
-        return False
-    if torch.is_autocast_enabled("cpu") or x.dtype != weight.dtype:
-        return False
-    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16())
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _onednn_bf16():
+            return None
+        return torch.bfloat16 if x.is_floating_point() and weight.is_floating_point() else None
+    if x.dtype != weight.dtype:
+        return None
+    return x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()) else None
+
+
+def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a Linear runs on oneDNN's linear instead of F.linear (see `onednn_linear_dtype`)."""
+    return onednn_linear_dtype(x, weight) is not None
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -111,40 +121,48 @@ class InternImageLinear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) on oneDNN where it applies, with an optional fused GELU."""
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if not onednn_linear_applies(x, self.weight):
+        dtype = onednn_linear_dtype(x, self.weight)
+        if dtype is None:
             out = F.linear(x, self.weight, self.bias)
             return F.gelu(out) if gelu else out
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         weight, bias = self.weight, self.bias
         needs_grad = torch.is_grad_enabled() and (
             flat.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
-        if needs_grad:
+        if needs_grad:  # never under autocast (see onednn_linear_dtype): flat, weight and bias share a dtype
             out = _OneDNNLinear.apply(flat, weight, bias)
             out = F.gelu(out) if gelu else out
-        elif gelu:
-            out = _ONEDNN_LINEAR(flat, self._packed_weight(), bias, "gelu", [None], "none")
         else:
-            out = _ONEDNN_LINEAR(flat, self._packed_weight(), bias, "none", [], "")
+            weight, bias = self._packed(dtype)
+            if gelu:
+                out = _ONEDNN_LINEAR(flat, weight, bias, "gelu", [None], "none")
+            else:
+                out = _ONEDNN_LINEAR(flat, weight, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _packed_weight(self) -> torch.Tensor:
-        """The weight in oneDNN's blocked layout, reordered once and reused while the weight is unchanged.
+    def _packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight (in oneDNN's blocked layout) and bias in `dtype`, prepared once and reused while unchanged.
 
         Given a plain weight, oneDNN's linear reorders it on every call (3-15% of the call at InternImage's shapes;
-        the same arithmetic follows, so results are bit-identical). Inference only; a copy of the weight, rebuilt
-        when the weight's storage, dtype or version (any in-place update) changes; not part of the state dict.
+        the same arithmetic follows, so results are bit-identical), and bfloat16 autocast would cast it on every call.
+        Inference only; copies, rebuilt when a parameter's storage, dtype or version (any in-place update) changes;
+        not part of the state dict.
         """
-        weight = self.weight
+        weight, bias = self.weight, self.bias
         key = (weight.data_ptr(), weight.dtype, weight._version)
-        cached = getattr(self, "_onednn_packed", None)
+        if bias is not None:
+            key += (bias.data_ptr(), bias.dtype, bias._version)
+        cache = self.__dict__.setdefault("_onednn_packed", {})
+        cached = cache.get(dtype)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, _ONEDNN_REORDER(weight.detach()))
-            self._onednn_packed = cached
-        return cached[1]
+                packed_bias = None if bias is None else bias.detach().to(dtype)
+                cached = (key, _ONEDNN_REORDER(weight.detach().to(dtype)), packed_bias)
+            cache[dtype] = cached
+        return cached[1], cached[2]
 
-    def __getstate__(self):  # the packed copy is an opaque oneDNN tensor: it cannot be pickled or deep-copied
+    def __getstate__(self):  # the packed copies are opaque oneDNN tensors: they cannot be pickled or deep-copied
         state = super().__getstate__().copy()
         state.pop("_onednn_packed", None)
         return state
