@@ -95,7 +95,7 @@ def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
                                 f"{torch.__version__}")
                 continue
             if digest is not None and record.get("source_digest") != digest:
-                problems.append(f"the kernel build in {path} is out of date (built from other sources)")
+                problems.append(f"the kernel build in {path} is out of date (built from other sources or build flags)")
                 continue
             return _import_variant(path)
         except Exception as err:  # corrupt folder, missing library, ABI mismatch...
