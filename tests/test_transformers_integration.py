@@ -208,7 +208,8 @@ def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
         assert rel_err(a, b) < 1e-5
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inference on cached bf16 weights, where oneDNN has bf16
         with torch.no_grad():
-            assert onednn_linear_applies(x, model.classifier.weight) == internimage_hf.modeling_internimage._onednn_bf16()
+            bf16_native = internimage_hf.modeling_internimage._onednn_bf16()
+            assert onednn_linear_applies(x, model.classifier.weight) == bf16_native
         assert not onednn_linear_applies(x, model.classifier.weight)  # training keeps autocast's F.linear
 
 

@@ -164,8 +164,8 @@ import json, sys
 cfg = json.loads(sys.argv[1])
 from torch.utils.cpp_extension import load
 load(name=cfg["name"], sources=cfg["sources"], extra_cflags=cfg["cflags"], extra_cuda_cflags=cfg["cuda_cflags"],
-     extra_ldflags=cfg["ldflags"], extra_include_paths=cfg["include"], build_directory=cfg["build_dir"], verbose=cfg["verbose"],
-     with_cuda=cfg["with_cuda"], is_python_module=True)
+     extra_ldflags=cfg["ldflags"], extra_include_paths=cfg["include"], build_directory=cfg["build_dir"],
+     verbose=cfg["verbose"], with_cuda=cfg["with_cuda"], is_python_module=True)
 """
 
 # Runs in a child process: import the staged package the way the loader does and run the op once.
