@@ -69,11 +69,21 @@ def _source_files(src: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(src).as_posix())
 
 
-# Host compiler flags of the local build. -fopenmp is what makes at::parallel_for (inline code compiled into the
-# extension; torch's CPU wheels use the OpenMP backend) run on several threads: without it the kernel silently ran
-# on one. The library then needs libgomp.so.1, which resolves to the copy torch has already loaded.
-HOST_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-DDCNV3_LOCAL_BUILD"]
-HOST_LDFLAGS = ["-fopenmp"]
+def host_flags() -> tuple[list[str], list[str]]:
+    """Host compiler and linker flags of the local build.
+
+    With torch's OpenMP backend (its Linux CPU wheels), at::parallel_for is inline code compiled into the extension:
+    without -fopenmp it becomes a serial loop and the kernel silently runs on one thread. The library then needs
+    libgomp.so.1, which resolves to the copy torch has already loaded. (torch's native backend needs no flag; Apple
+    clang has no plain -fopenmp, so other platforms build without it.)
+    """
+    import torch
+
+    cflags, ldflags = ["-O3", "-fno-math-errno", "-DDCNV3_LOCAL_BUILD"], []
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
 
 
 def source_digest(src: Path | None = None) -> str:
@@ -83,7 +93,8 @@ def source_digest(src: Path | None = None) -> str:
     if src is None:
         raise KernelBuildError("DCNv3 kernel sources (csrc/) not found in this installation")
     h = hashlib.sha256()
-    h.update(" ".join(HOST_CFLAGS + HOST_LDFLAGS).encode() + b"\0")
+    cflags, ldflags = host_flags()
+    h.update(" ".join(cflags + ldflags).encode() + b"\0")
     for path in _source_files(src):
         h.update(path.relative_to(src).as_posix().encode())
         h.update(b"\0")
@@ -259,7 +270,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
         try:
             obj_dir = staging / "obj"
             obj_dir.mkdir()
-            cflags = list(HOST_CFLAGS)
+            cflags, ldflags = host_flags()
             cuda_cflags: list[str] = []
             sources = [str(src / s) for s in CPU_SOURCES]
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
@@ -267,7 +278,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
                 cflags.append("-DDCNV3_WITH_CUDA")
                 cuda_cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", "-lineinfo"]
                 sources += [str(src / s) for s in CUDA_SOURCES]
-            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "ldflags": HOST_LDFLAGS,
+            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "ldflags": ldflags,
                    "cuda_cflags": cuda_cflags, "include": [str(src), str(src / "torch-ext")],
                    "build_dir": str(obj_dir), "verbose": verbose, "with_cuda": with_cuda}
             _run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)], verbose, "compile", log,
