@@ -213,7 +213,7 @@ def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
         assert not onednn_linear_applies(x, model.classifier.weight)  # training keeps autocast's F.linear
 
 
-def test_packed_onednn_weights_follow_the_parameters():
+def test_packed_onednn_weights_follow_the_parameters(monkeypatch):
     """Inference reuses a oneDNN-packed copy of each Linear weight: it must track in-place updates and dtype moves,
     and must not leak into deepcopy / torch.save (an opaque oneDNN tensor cannot be pickled)."""
     import io
@@ -240,6 +240,10 @@ def test_packed_onednn_weights_follow_the_parameters():
     torch.save(linear, io.BytesIO())
     with torch.inference_mode():
         assert torch.equal(clone(x), linear(x))
+        packed = linear(x)
+        monkeypatch.setattr(internimage_hf.modeling_internimage, "PACK_WEIGHTS", False)  # memory over speed
+        assert torch.equal(linear(x), packed)
+        monkeypatch.setattr(internimage_hf.modeling_internimage, "PACK_WEIGHTS", True)
     linear.to(torch.bfloat16)
     if onednn_linear_applies(x.bfloat16(), linear.weight):
         with torch.inference_mode():

@@ -52,6 +52,9 @@ def _tracing() -> bool:
 
 
 _FAST_PATHS = True
+# Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight: 2-5% faster, at the
+# cost of a second copy of the Linear weights in memory. Set to False to trade the speed for the memory.
+PACK_WEIGHTS = True
 
 
 @contextlib.contextmanager
@@ -134,7 +137,10 @@ class InternImageLinear(nn.Linear):
             out = _OneDNNLinear.apply(flat, weight, bias)
             out = F.gelu(out) if gelu else out
         else:
-            weight, bias = self._packed(dtype)
+            if PACK_WEIGHTS:
+                weight, bias = self._packed(dtype)
+            elif dtype != weight.dtype:
+                weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
             if gelu:
                 out = _ONEDNN_LINEAR(flat, weight, bias, "gelu", [None], "none")
             else:
