@@ -283,6 +283,21 @@ def test_samples_far_outside_read_zeros(kernel):
         assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("gc", [16, 5])  # the register-group path (released widths) and the generic one
+def test_non_finite_pixels_never_leak_into_samples_that_do_not_read_them(kernel, gc):
+    """Corners outside the image are read from a clamped (border) address and dropped: an inf or NaN there must
+    vanish, as in the reference, which never reads them."""
+    x, offset, mask, args = make_case(h=12, w=13, gc=gc, dtype=torch.float64, offset_mag=1.0)
+    x[:, 0], x[:, -1] = float("inf"), float("nan")
+    x[:, :, 0], x[:, :, -1] = float("-inf"), float("nan")
+    far = kernel.dcnv3_core(x, torch.full_like(offset, 1e6), mask, *args)
+    assert torch.equal(far, torch.zeros_like(far))
+    out, ref = kernel.dcnv3_core(x, offset, mask, *args), dcnv3_core_reference(x, offset, mask, *args)
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite) and 0 < finite.float().mean() < 1
+    assert_close(out[finite], ref[finite], 1e-12, "finite outputs")
+
+
 def test_zero_offsets_match_reference_including_gradients(kernel):
     """Samples on exact pixel positions (the state of an initialised model)."""
     x, offset, mask, args = make_case(n=2, h=7, w=6, group=2, gc=8)

@@ -256,6 +256,7 @@ DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const floa
     w2[j] = w[2];
     w3[j] = w[3];
     mm[j] = m;
+    flags[j] = c.flags;
     if constexpr (kBackward) {
       wm0[j] = w[0] * m;
       wm1[j] = w[1] * m;
@@ -263,7 +264,6 @@ DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const floa
       wm3[j] = w[3] * m;
       fx[j] = c.fx;
       fy[j] = c.fy;
-      flags[j] = c.flags;
     }
   }
 }
@@ -489,10 +489,15 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
           const S* image_g = image + g * CG;
           Group<A, CG, VB> acc = {};
           for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
-            Group<A, CG, VB> sample =
-                scaled(pts.w[0][j], keep_if(gload<A, CG, VB>(image_g + pts.px[0][j] * C), pts.keep[0][j]));
-            for (int q = 1; q < 4; ++q)
-              axpy(sample, pts.w[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+            Group<A, CG, VB> sample;
+            if (pts.flags[j] == Corners<A>::kAllValid) {  // the common case: no corner to drop
+              sample = scaled(pts.w[0][j], gload<A, CG, VB>(image_g + pts.px[0][j] * C));
+              for (int q = 1; q < 4; ++q) axpy(sample, pts.w[q][j], gload<A, CG, VB>(image_g + pts.px[q][j] * C));
+            } else {
+              sample = scaled(pts.w[0][j], keep_if(gload<A, CG, VB>(image_g + pts.px[0][j] * C), pts.keep[0][j]));
+              for (int q = 1; q < 4; ++q)
+                axpy(sample, pts.w[q][j], keep_if(gload<A, CG, VB>(image_g + pts.px[q][j] * C), pts.keep[q][j]));
+            }
             axpy(acc, pts.m[j], sample);
           }
           gstore(output + pix * C + g * CG, acc);
