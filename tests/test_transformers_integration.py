@@ -244,6 +244,21 @@ def test_packed_onednn_weights_follow_the_parameters(monkeypatch):
         monkeypatch.setattr(internimage_hf.modeling_internimage, "PACK_WEIGHTS", False)  # memory over speed
         assert torch.equal(linear(x), packed)
         monkeypatch.setattr(internimage_hf.modeling_internimage, "PACK_WEIGHTS", True)
+    # A new Parameter at the old one's address with the same version number (what a freed-and-reallocated weight
+    # can look like) must still be repacked: the cache checks identity, not only storage and version.
+    old = linear.weight
+    with torch.no_grad():
+        old.mul_(1.0)  # version 2
+    with torch.inference_mode():
+        linear(x)  # packed at (address, version 2)
+    with torch.no_grad():
+        reused = torch.empty(0).set_(old.untyped_storage(), 0, old.shape, old.stride())
+        reused.copy_(torch.randn(old.shape))
+        reused.add_(0.0)  # version 2 too, same data_ptr
+    assert reused.data_ptr() == old.data_ptr() and reused._version == old._version
+    linear.weight = torch.nn.Parameter(reused)
+    with torch.inference_mode():
+        assert rel_err(linear(x), exact()) < 1e-6
     linear.to(torch.bfloat16)
     if onednn_linear_applies(x.bfloat16(), linear.weight):
         with torch.inference_mode():

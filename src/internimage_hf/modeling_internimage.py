@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -156,17 +157,20 @@ class InternImageLinear(nn.Linear):
         not part of the state dict.
         """
         weight, bias = self.weight, self.bias
+        # Identity (a replaced Parameter may reuse the freed one's address), storage, dtype and in-place version.
         key = (weight.data_ptr(), weight.dtype, weight._version)
         if bias is not None:
             key += (bias.data_ptr(), bias.dtype, bias._version)
         cache = self.__dict__.setdefault("_onednn_packed", {})
         cached = cache.get(dtype)
-        if cached is None or cached[0] != key:
+        if (cached is None or cached[0]() is not weight or (cached[1]() if cached[1] else None) is not bias
+                or cached[2] != key):
             with torch.no_grad():
                 packed_bias = None if bias is None else bias.detach().to(dtype)
-                cached = (key, _ONEDNN_REORDER(weight.detach().to(dtype)), packed_bias)
+                packed = _ONEDNN_REORDER(weight.detach().to(dtype))
+            cached = (weakref.ref(weight), None if bias is None else weakref.ref(bias), key, packed, packed_bias)
             cache[dtype] = cached
-        return cached[1], cached[2]
+        return cached[3], cached[4]
 
     def __getstate__(self):  # the packed copies are opaque oneDNN tensors: they cannot be pickled or deep-copied
         state = super().__getstate__().copy()
