@@ -157,20 +157,23 @@ class InternImageLinear(nn.Linear):
         not part of the state dict.
         """
         weight, bias = self.weight, self.bias
-        # Identity (a replaced Parameter may reuse the freed one's address), storage, dtype and in-place version.
+        # Identity (a replaced Parameter may reuse the freed one's address), storage, dtype and in-place version;
+        # any change drops every packed copy (no stale copies of an earlier weight or dtype stay alive).
         key = (weight.data_ptr(), weight.dtype, weight._version)
         if bias is not None:
             key += (bias.data_ptr(), bias.dtype, bias._version)
-        cache = self.__dict__.setdefault("_onednn_packed", {})
-        cached = cache.get(dtype)
-        if (cached is None or cached[0]() is not weight or (cached[1]() if cached[1] else None) is not bias
-                or cached[2] != key):
+        state = self.__dict__.get("_onednn_packed")
+        if (state is None or state["weight"]() is not weight or state["key"] != key
+                or (state["bias"]() if state["bias"] is not None else None) is not bias):
+            state = {"weight": weakref.ref(weight), "bias": None if bias is None else weakref.ref(bias), "key": key,
+                     "packed": {}}
+            self.__dict__["_onednn_packed"] = state
+        packed = state["packed"].get(dtype)
+        if packed is None:
             with torch.no_grad():
-                packed_bias = None if bias is None else bias.detach().to(dtype)
-                packed = _ONEDNN_REORDER(weight.detach().to(dtype))
-            cached = (weakref.ref(weight), None if bias is None else weakref.ref(bias), key, packed, packed_bias)
-            cache[dtype] = cached
-        return cached[3], cached[4]
+                packed = (_ONEDNN_REORDER(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype))
+            state["packed"][dtype] = packed
+        return packed
 
     def __getstate__(self):  # the packed copies are opaque oneDNN tensors: they cannot be pickled or deep-copied
         state = super().__getstate__().copy()
