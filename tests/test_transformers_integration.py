@@ -265,6 +265,37 @@ def test_packed_onednn_weights_follow_the_parameters(monkeypatch):
             assert rel_err(linear(x.bfloat16()), exact()) < 1e-2
 
 
+def test_channels_last_conv_weight_is_cached_and_follows_the_parameters():
+    """Convolutions on channels-last activations reuse a channels-last copy of their weight in inference: same
+    result as the plain convolution, rebuilt after an in-place update, never used when autograd needs the weight."""
+    from internimage_hf.modeling_internimage import InternImageConv2d
+
+    torch.manual_seed(0)
+    conv = InternImageConv2d(24, 40, 3, stride=2, padding=1)
+    x = torch.randn(2, 9, 11, 24).permute(0, 3, 1, 2)  # channels-last memory, as inside a level
+
+    def exact():
+        return torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=2, padding=1)
+
+    with torch.inference_mode():
+        out = conv(x)
+        assert torch.equal(out, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
+        assert rel_err(out, exact()) < 1e-6
+    cached = conv.__dict__["_cached_weights"]["values"]["channels_last"]
+    assert cached.is_contiguous(memory_format=torch.channels_last) and torch.equal(cached, conv.weight)
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    with torch.inference_mode():
+        assert rel_err(conv(x), exact()) < 1e-6
+    clone = copy.deepcopy(conv)
+    assert "_cached_weights" not in clone.__dict__
+    with torch.inference_mode():
+        assert torch.equal(clone(x), conv(x))
+    conv.__dict__.pop("_cached_weights")
+    conv(x).sum().backward()  # training: the parameter itself, so the gradient reaches it
+    assert "_cached_weights" not in conv.__dict__ and conv.weight.grad is not None
+
+
 def test_cpu_training_fast_path_gradients_match_float64():
     """The oneDNN training path is as accurate as plain PyTorch, judged against a float64 run."""
     from internimage_hf.modeling_internimage import fast_paths
