@@ -281,12 +281,17 @@ def test_channels_last_conv_weight_is_cached_and_follows_the_parameters():
         out = conv(x)
         assert torch.equal(out, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
         assert rel_err(out, exact()) < 1e-6
-    cached = conv.__dict__["_cached_weights"]["values"]["channels_last"]
+    cached = conv.__dict__["_cached_weights"]["values"][("conv", torch.float32, torch.channels_last)][0]
     assert cached.is_contiguous(memory_format=torch.channels_last) and torch.equal(cached, conv.weight)
     with torch.no_grad():
         conv.weight.mul_(-2.0)
     with torch.inference_mode():
         assert rel_err(conv(x), exact()) < 1e-6
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # a cached bf16 copy, same result
+        half = conv(x)
+        assert half.dtype == torch.bfloat16 and rel_err(half, exact()) < 1e-2
+        assert torch.equal(half, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
+        assert ("conv", torch.bfloat16, torch.channels_last) in conv.__dict__["_cached_weights"]["values"]
     clone = copy.deepcopy(conv)
     assert "_cached_weights" not in clone.__dict__
     with torch.inference_mode():

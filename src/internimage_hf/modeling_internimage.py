@@ -186,21 +186,30 @@ class InternImageLinear(CachedWeightsMixin, nn.Linear):
 
 
 class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
-    """nn.Conv2d that, in inference on a channels-last input, keeps a channels-last copy of its weight.
+    """nn.Conv2d that, in inference, keeps its weight in the layout and dtype each call would convert it to.
 
     Inside a level, activations are channels-last; convolution then converts a plain weight to channels-last on
     every call (a fresh allocation: at batch 1 the 256->512 downsampling alone cost ~14 ms of page faults and copying
-    in a ~75 ms forward). The arithmetic is the same, so results are bit-identical.
+    in a ~75 ms forward), and under autocast it first casts weight and bias. The copy is what the call would have
+    made itself, so results are bit-identical.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                and not weight.is_contiguous(memory_format=torch.channels_last) and PACK_WEIGHTS and _FAST_PATHS
-                and not self._needs_grad(x) and not _tracing()):
-            weight = self._cached("channels_last",
-                                  lambda: weight.detach().contiguous(memory_format=torch.channels_last))
-        return self._conv_forward(x, weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if not (PACK_WEIGHTS and _FAST_PATHS) or x.dim() != 4 or self._needs_grad(x) or _tracing():
+            return self._conv_forward(x, weight, bias)
+        device = x.device.type
+        dtype = weight.dtype
+        if torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, weight.dtype):  # autocast's rule
+            dtype = torch.get_autocast_dtype(device)
+        layout = torch.contiguous_format
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            layout = torch.channels_last
+        if dtype != weight.dtype or not weight.is_contiguous(memory_format=layout):
+            weight, bias = self._cached(("conv", dtype, layout), lambda: (
+                weight.detach().to(dtype).contiguous(memory_format=layout),
+                None if bias is None else bias.detach().to(dtype)))
+        return self._conv_forward(x, weight, bias)
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
