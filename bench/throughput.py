@@ -114,6 +114,8 @@ class Case:
 
             stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND="reference"))
             stack.enter_context(fast_paths(False))
+        elif self.impl == "free-op":
+            stack.enter_context(_free_dcnv3_op())
         if self.dtype in ("bfloat16", "float16"):
             stack.enter_context(torch.autocast(self.inputs.device.type, dtype=getattr(torch, self.dtype)))
         return stack
@@ -128,6 +130,23 @@ class Case:
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _free_dcnv3_op():
+    """A bound, not a model: every layer as `compiled` runs it, but the DCNv3 core returns its input unchanged.
+
+    Its throughput is what InternImage would reach with a DCNv3 kernel that costs nothing, so free-op / reference
+    is the largest end-to-end gain any DCNv3 kernel can give over the reference op on this machine.
+    """
+    from internimage_hf.ops import DCNv3Core
+
+    forward = DCNv3Core.forward
+    DCNv3Core.forward = lambda self, input, *args, **kwargs: input
+    try:
+        yield
+    finally:
+        DCNv3Core.forward = forward
 
 
 @contextlib.contextmanager
@@ -191,7 +210,8 @@ def parse_args(argv=None):
                    help="default: internimage-t/s/b, convnext-t/s/b, swin-t/s/b (+ mvitv2-t/s if timm is installed)")
     p.add_argument("--impls", nargs="+", default=["compiled", "reference", "official"],
                    help="InternImage implementations: compiled / reference DCNv3 op (with this package's layers), "
-                        "official = reference op and plain PyTorch layers, as the official code computes")
+                        "official = reference op and plain PyTorch layers, as the official code computes; "
+                        "free-op = a bound: compiled with a DCNv3 op that costs nothing (returns its input)")
     p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--train-batch", type=int, default=None, help="batch for training steps (default: largest --batch)")
@@ -231,7 +251,7 @@ def build_cases(args, device) -> list[Case]:
     train_batch = args.train_batch or max(args.batch)
     for name in args.models:
         impls = args.impls if name.startswith("internimage") else ["-"]
-        unknown = set(impls) - {"compiled", "reference", "official", "-"}
+        unknown = set(impls) - {"compiled", "reference", "official", "free-op", "-"}
         if unknown:
             raise SystemExit(f"unknown --impls {sorted(unknown)}")
         for impl in impls:
@@ -308,6 +328,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def impl_ratios(result: dict) -> str:
+    """Same-run speed-ups of the compiled path over the pure-PyTorch ones (and the free-op bound), per case."""
+    speed = {(r["model"], r["impl"], r["mode"], r["batch"], r["dtype"]): r["img_per_s"] for r in result["rows"]
+             if r["img_per_s"]}
+    lines = []
+    for (model, impl, mode, batch, dtype), value in speed.items():
+        if impl != "compiled":
+            continue
+        parts = []
+        for numerator, denominator in (("compiled", "reference"), ("compiled", "official"),
+                                       ("free-op", "reference"), ("free-op", "official")):
+            num = speed.get((model, numerator, mode, batch, dtype))
+            den = speed.get((model, denominator, mode, batch, dtype))
+            if num and den:
+                parts.append(f"{numerator} / {denominator} {num / den:.2f}×")
+        if parts:
+            lines.append(f"- {model} {mode} batch {batch} {dtype}: " + ", ".join(parts))
+    if lines and any("free-op" in line for line in lines):
+        lines.append("(free-op: the DCNv3 op replaced by a zero-cost stand-in, so free-op / reference is the most "
+                     "any DCNv3 kernel can gain end to end)")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -316,7 +359,8 @@ def plot(result: dict, path: str) -> None:
 
     best = {}
     for r in result["rows"]:
-        if r["mode"] == "inference" and r["dtype"] == "float32" and r["img_per_s"] and r["model"] in TOP1:
+        if (r["mode"] == "inference" and r["dtype"] == "float32" and r["img_per_s"] and r["model"] in TOP1
+                and r["impl"] != "free-op"):
             key = (r["model"], r["batch"])
             best[key] = max(best.get(key, 0), r["img_per_s"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -338,6 +382,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(markdown(result))
+    ratios = impl_ratios(result)
+    if ratios:
+        print("\n" + ratios)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -20,7 +20,7 @@ def load_bench():
 def test_quick_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "result.json"
-    code = bench.main(["--quick", "--tiny", "--size", "64", "--impls", "reference", "--batch", "1", "2",
+    code = bench.main(["--quick", "--tiny", "--size", "64", "--impls", "reference", "free-op", "--batch", "1", "2",
                        "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "plot.png")])
     assert code == 0
     result = json.loads(out.read_text())
@@ -33,4 +33,27 @@ def test_quick_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
         assert set(row) >= {"model", "impl", "mode", "batch", "dtype", "img_per_s", "peak_mem_mb"}
     table = capsys.readouterr().out
     assert "× ConvNeXt-T" in table and "| convnext-t | - | inference | 1 | float32 |" in table
+    assert "| internimage-t | free-op | inference | 1 | float32 |" in table
+    assert "- internimage-t inference batch 1 float32: " not in table  # ratios are quoted for `compiled` rows only
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_same_run_ratios_and_the_free_op_bound():
+    """The summary quotes compiled over the pure-PyTorch paths and the free-op ceiling; free-op really skips the op
+    and puts it back afterwards."""
+    import torch
+
+    from internimage_hf.ops import DCNv3Core
+
+    bench = load_bench()
+    rows = [{"model": "internimage-t", "impl": impl, "mode": "inference", "batch": 8, "dtype": "float32",
+             "img_per_s": value} for impl, value in (("compiled", 30.0), ("reference", 10.0), ("official", 8.0),
+                                                     ("free-op", 36.0))]
+    text = bench.impl_ratios({"rows": rows})
+    assert "compiled / reference 3.00×" in text and "compiled / official 3.75×" in text
+    assert "free-op / reference 3.60×" in text and "free-op / official 4.50×" in text
+    forward = DCNv3Core.forward
+    x = torch.randn(1, 4, 4, 8)
+    with bench._free_dcnv3_op():
+        assert DCNv3Core()(x, None, None, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0) is x
+    assert DCNv3Core.forward is forward
