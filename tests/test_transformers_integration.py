@@ -265,33 +265,50 @@ def test_packed_onednn_weights_follow_the_parameters(monkeypatch):
             assert rel_err(linear(x.bfloat16()), exact()) < 1e-2
 
 
-def test_channels_last_conv_weight_is_cached_and_follows_the_parameters():
-    """Convolutions on channels-last activations reuse a channels-last copy of their weight in inference: same
-    result as the plain convolution, rebuilt after an in-place update, never used when autograd needs the weight."""
-    from internimage_hf.modeling_internimage import InternImageConv2d
+@pytest.mark.parametrize("groups", [1, 8])
+def test_prepared_conv_weights_are_cached_and_follow_the_parameters(groups):
+    """Convolutions reuse a prepared weight in inference (dense: oneDNN's reordered weight; depthwise-like: the
+    channels-last copy the call would make): the plain convolution's result (bit for bit where only the copy is
+    kept, to float32 rounding where oneDNN may pick another algorithm for the reordered weight), for other input
+    sizes than the first and channels-first inputs too, rebuilt after an in-place update, also under bf16 autocast,
+    never used when autograd needs the weight."""
+    from internimage_hf.modeling_internimage import _ONEDNN_CONV, InternImageConv2d
 
     torch.manual_seed(0)
-    conv = InternImageConv2d(24, 40, 3, stride=2, padding=1)
-    x = torch.randn(2, 9, 11, 24).permute(0, 3, 1, 2)  # channels-last memory, as inside a level
+    conv = InternImageConv2d(24, 40, 3, stride=2, padding=1, groups=groups)
+    dense = groups == 1 and _ONEDNN_CONV is not None
 
-    def exact():
-        return torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=2, padding=1)
+    def inputs(n, h, w):  # channels-last memory, as inside a level
+        return torch.randn(n, h, w, 24).permute(0, 3, 1, 2)
 
-    with torch.inference_mode():
+    def plain(x):
+        return torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1, groups=groups)
+
+    def exact(x):
+        return torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=2, padding=1,
+                                          groups=groups)
+
+    def check(x, tol=1e-6):
         out = conv(x)
-        assert torch.equal(out, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
-        assert rel_err(out, exact()) < 1e-6
-    cached = conv.__dict__["_cached_weights"]["values"][("conv", torch.float32, torch.channels_last)][0]
-    assert cached.is_contiguous(memory_format=torch.channels_last) and torch.equal(cached, conv.weight)
+        assert rel_err(out, exact(x)) < tol
+        assert rel_err(out, plain(x)) < tol if dense else torch.equal(out, plain(x))
+
+    x = inputs(2, 9, 11)
+    with torch.inference_mode():
+        check(x)
+        check(inputs(3, 14, 6))
+        check(inputs(1, 9, 11).contiguous())  # channels-first, as the stem's image
+    values = conv.__dict__["_cached_weights"]["values"]
+    assert list(values) == ([("onednn", torch.float32, torch.channels_last), ("onednn", torch.float32,
+                                                                            torch.contiguous_format)]
+                            if dense else [("conv", torch.float32, torch.channels_last)])  # channels-first: as is
     with torch.no_grad():
         conv.weight.mul_(-2.0)
     with torch.inference_mode():
-        assert rel_err(conv(x), exact()) < 1e-6
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # a cached bf16 copy, same result
-        half = conv(x)
-        assert half.dtype == torch.bfloat16 and rel_err(half, exact()) < 1e-2
-        assert torch.equal(half, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
-        assert ("conv", torch.bfloat16, torch.channels_last) in conv.__dict__["_cached_weights"]["values"]
+        check(x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # a cached bf16 copy
+        assert conv(x).dtype == torch.bfloat16
+        check(x, tol=1e-2)
     clone = copy.deepcopy(conv)
     assert "_cached_weights" not in clone.__dict__
     with torch.inference_mode():
