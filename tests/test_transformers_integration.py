@@ -309,6 +309,11 @@ def test_prepared_conv_weights_are_cached_and_follow_the_parameters(groups):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # a cached bf16 copy
         assert conv(x).dtype == torch.bfloat16
         check(x, tol=1e-2)
+    with torch.inference_mode():
+        assert conv(inputs(0, 9, 11)).shape == (0, 40, 5, 6)  # an empty batch, as nn.Conv2d allows
+        half = copy.deepcopy(conv).bfloat16()
+        with pytest.raises(RuntimeError):  # float32 input, bfloat16 weight, no autocast: PyTorch's own error
+            half(x)
     clone = copy.deepcopy(conv)
     assert "_cached_weights" not in clone.__dict__
     with torch.inference_mode():

@@ -205,12 +205,14 @@ class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
             return self._conv_forward(x, weight, bias)
         device = x.device.type
         dtype = weight.dtype
-        if torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, weight.dtype):  # autocast's rule
+        # Autocast's rule: float32 tensors (not float64 ones) are cast to its dtype.
+        autocast = torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, weight.dtype)
+        if autocast:
             dtype = torch.get_autocast_dtype(device)
         layout = torch.contiguous_format
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             layout = torch.channels_last
-        if self._onednn_applies(x, dtype, layout):
+        if self._onednn_applies(x, dtype, layout, autocast):
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             weight, bias = self._cached(("onednn", dtype, layout), lambda: (
                 _ONEDNN_CONV_REORDER(weight.detach().to(dtype).contiguous(memory_format=layout), *args,
@@ -223,15 +225,16 @@ class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
                 None if bias is None else bias.detach().to(dtype)))
         return self._conv_forward(x, weight, bias)
 
-    def _onednn_applies(self, x: torch.Tensor, dtype: torch.dtype, layout) -> bool:
-        """Dense convolution on a dense CPU input, in float32 (or bfloat16 where oneDNN has it natively).
+    def _onednn_applies(self, x: torch.Tensor, dtype: torch.dtype, layout, autocast: bool) -> bool:
+        """Dense convolution on a dense, non-empty CPU input, in float32 (or bfloat16 where oneDNN has it natively);
+        the input already in that dtype, or float32 under autocast (anything else gets PyTorch's own error).
 
         (Depthwise convolutions are left to PyTorch: a pre-reordered weight made them slower at batch 8.)
         """
         return (_ONEDNN_CONV is not None and _ONEDNN_CONV_REORDER is not None and x.device.type == "cpu"
-                and (layout == torch.channels_last or x.is_contiguous()) and self.groups == 1
-                and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and x.dtype in (torch.float32, dtype)
+                and (layout == torch.channels_last or x.is_contiguous()) and x.numel() > 0 and self.groups == 1
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and (x.dtype == dtype or (autocast and x.dtype == torch.float32))
                 and (dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16())))
 
 
