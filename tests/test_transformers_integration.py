@@ -259,7 +259,15 @@ def test_packed_onednn_weights_follow_the_parameters(monkeypatch):
     linear.weight = torch.nn.Parameter(reused)
     with torch.inference_mode():
         assert rel_err(linear(x), exact()) < 1e-6
+    # Edits through .data do not bump the version counter; a mode switch (model.eval()) drops the copies.
+    with torch.inference_mode():
+        linear(x)
+    linear.weight.data.mul_(0.5)
+    linear.eval()
+    with torch.inference_mode():
+        assert rel_err(linear(x), exact()) < 1e-6
     linear.to(torch.bfloat16)
+    assert "_cached_weights" not in linear.__dict__  # no copies of the float32 weights kept alive
     if onednn_linear_applies(x.bfloat16(), linear.weight):
         with torch.inference_mode():
             assert rel_err(linear(x.bfloat16()), exact()) < 1e-2

@@ -57,7 +57,9 @@ def _tracing() -> bool:
 _FAST_PATHS = True
 # Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight (2-5% faster) and a
 # channels-last copy of the convolution weights that see channels-last inputs (up to 30% at batch 1), at the cost of
-# a second copy of those weights in memory. Set to False to trade the speed for the memory.
+# a second copy of those weights in memory. Set to False to trade the speed for the memory. The copies follow every
+# change autograd sees (in-place updates, replaced parameters, load_state_dict, .to()); edits through `.data` are
+# hidden from it: call `model.eval()` (or `model.train()`) after them, which drops the copies.
 PACK_WEIGHTS = True
 
 
@@ -156,6 +158,16 @@ class CachedWeightsMixin:
         state = super().__getstate__().copy()
         state.pop("_cached_weights", None)
         return state
+
+    def train(self, mode: bool = True):
+        # Edits through `.data` bypass the version counter the cache keys on; `model.eval()` after such edits (the
+        # usual step before inference) starts from fresh copies.
+        self.__dict__.pop("_cached_weights", None)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): do not keep copies of the old parameters alive
+        self.__dict__.pop("_cached_weights", None)
+        return super()._apply(fn, recurse)
 
 
 class InternImageLinear(CachedWeightsMixin, nn.Linear):
