@@ -87,3 +87,18 @@ def test_export_rejects_example_inputs_the_dynamic_graph_cannot_cover(tmp_path):
     model = tiny(InternImageForImageClassification, num_labels=2)
     with pytest.raises(ValueError, match=">= 33"):
         export_onnx(model, tmp_path / "x.onnx", image_size=32)
+
+
+def test_fast_paths_see_an_onnx_export_in_progress(monkeypatch):
+    """The fast paths step aside during export; the cheap ONNX-flag check must read the flags torch sets."""
+    import torch
+
+    from internimage_hf.modeling_internimage import _tracing
+
+    assert not _tracing() and not torch.onnx.is_in_onnx_export()
+    globals_module = pytest.importorskip("torch.onnx._internal.torchscript_exporter._globals",
+                                         reason="torch moved its ONNX flags: _tracing uses the public check then")
+    GLOBALS = globals_module.GLOBALS
+
+    monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    assert torch.onnx.is_in_onnx_export() and _tracing()

@@ -45,13 +45,29 @@ def _onednn_bf16() -> bool:
     return bool(check is not None and check())
 
 
+@functools.lru_cache(maxsize=None)
+def _onnx_exporting():
+    """A cheap check for `torch.onnx.is_in_onnx_export()`, which re-imports two modules on every call (~1 µs, and
+    the fast paths ask ~200 times per forward). Falls back to the public function where torch moved its flags."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        if hasattr(GLOBALS, "in_onnx_export") and hasattr(_flags, "_is_onnx_exporting"):
+            return lambda: bool(GLOBALS.in_onnx_export or _flags._is_onnx_exporting)
+    except ImportError:
+        pass
+    return torch.onnx.is_in_onnx_export
+
+
+_JIT_TRACING = torch._C._get_tracing_state
+_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_EXPORTING = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
+
+
 def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(
-        torch.jit.is_tracing()
-        or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
-        or torch.onnx.is_in_onnx_export()
-    )
+    """Whether jit tracing, torch.compile / export or ONNX export is running: they get plain PyTorch ops."""
+    return bool(_JIT_TRACING() or _COMPILING() or _EXPORTING() or _onnx_exporting()())
 
 
 _FAST_PATHS = True
@@ -134,13 +150,14 @@ class CachedWeightsMixin:
     every copy, so no stale copy of an earlier weight or dtype stays alive.
     """
 
-    def _cached(self, tag, build):
-        params = (self.weight, self.bias)
-        key = tuple((p.data_ptr(), p.dtype, p._version) if p is not None else None for p in params)
+    def _cached(self, tag, build, weight: torch.Tensor, bias: torch.Tensor | None):
+        """build() once per tag for this (weight, bias): the module's current parameters, passed in by the caller."""
+        key = (weight.data_ptr(), weight.dtype, weight._version,
+               None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
         state = self.__dict__.get("_cached_weights")
-        if state is None or state["key"] != key or any(
-                (ref() if ref is not None else None) is not p for ref, p in zip(state["refs"], params)):
-            state = {"refs": tuple(weakref.ref(p) if p is not None else None for p in params), "key": key,
+        if (state is None or state["key"] != key or state["weight"]() is not weight
+                or (state["bias"]() if state["bias"] is not None else None) is not bias):
+            state = {"weight": weakref.ref(weight), "bias": None if bias is None else weakref.ref(bias), "key": key,
                      "values": {}}
             self.__dict__["_cached_weights"] = state
         value = state["values"].get(tag)
@@ -149,9 +166,10 @@ class CachedWeightsMixin:
                 value = state["values"][tag] = build()
         return value
 
-    def _needs_grad(self, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         return torch.is_grad_enabled() and (
-            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
 
     def __getstate__(self):  # the cached copies may be opaque oneDNN tensors: they cannot be pickled or deep-copied
@@ -180,7 +198,7 @@ class InternImageLinear(CachedWeightsMixin, nn.Linear):
             return F.gelu(out) if gelu else out
         flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         weight, bias = self.weight, self.bias
-        if self._needs_grad(flat):  # never under autocast (see onednn_linear_dtype): one dtype throughout
+        if self._needs_grad(flat, weight, bias):  # never under autocast (onednn_linear_dtype): one dtype throughout
             out = _OneDNNLinear.apply(flat, weight, bias)
             out = F.gelu(out) if gelu else out
         else:
@@ -189,7 +207,8 @@ class InternImageLinear(CachedWeightsMixin, nn.Linear):
                 # shapes; the same arithmetic follows, so results are bit-identical), and bfloat16 autocast would
                 # cast it on every call.
                 weight, bias = self._cached(("onednn", dtype), lambda: (
-                    _ONEDNN_REORDER(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)))
+                    _ONEDNN_REORDER(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)),
+                    weight, bias)
             elif dtype != weight.dtype:
                 weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
             if gelu:
@@ -213,7 +232,7 @@ class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if not (PACK_WEIGHTS and _FAST_PATHS) or x.dim() != 4 or self._needs_grad(x) or _tracing():
+        if not (PACK_WEIGHTS and _FAST_PATHS) or x.dim() != 4 or self._needs_grad(x, weight, bias) or _tracing():
             return self._conv_forward(x, weight, bias)
         device = x.device.type
         dtype = weight.dtype
@@ -229,12 +248,12 @@ class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
             weight, bias = self._cached(("onednn", dtype, layout), lambda: (
                 _ONEDNN_CONV_REORDER(weight.detach().to(dtype).contiguous(memory_format=layout), *args,
                                      list(x.shape)),
-                None if bias is None else bias.detach().to(dtype)))
+                None if bias is None else bias.detach().to(dtype)), weight, bias)
             return _ONEDNN_CONV(x.to(dtype), weight, bias, *args, "none", [], "")
         if dtype != weight.dtype or not weight.is_contiguous(memory_format=layout):
             weight, bias = self._cached(("conv", dtype, layout), lambda: (
                 weight.detach().to(dtype).contiguous(memory_format=layout),
-                None if bias is None else bias.detach().to(dtype)))
+                None if bias is None else bias.detach().to(dtype)), weight, bias)
         return self._conv_forward(x, weight, bias)
 
     def _onednn_applies(self, x: torch.Tensor, dtype: torch.dtype, layout, autocast: bool) -> bool:
