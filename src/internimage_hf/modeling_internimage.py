@@ -71,9 +71,10 @@ def _tracing() -> bool:
 
 
 _FAST_PATHS = True
-# Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight (2-5% faster) and a
-# channels-last copy of the convolution weights that see channels-last inputs (up to 30% at batch 1), at the cost of
-# a second copy of those weights in memory. Set to False to trade the speed for the memory. The copies follow every
+# Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight (2-5% faster) and of
+# every convolution weight as the call needs it (oneDNN-reordered for dense convolutions, reordered once for the
+# first input's shape and reused for any other; channels-last for depthwise ones on channels-last activations: up to
+# 30% at batch 1), at the cost of a second copy of those weights in memory. Set to False to trade the speed for the memory. The copies follow every
 # change autograd sees (in-place updates, replaced parameters, load_state_dict, .to()); edits through `.data` are
 # hidden from it: call `model.eval()` (or `model.train()`) after them, which drops the copies.
 PACK_WEIGHTS = True
