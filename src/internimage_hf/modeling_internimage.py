@@ -74,9 +74,10 @@ _FAST_PATHS = True
 # Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight (2-5% faster) and of
 # every convolution weight as the call needs it (oneDNN-reordered for dense convolutions, reordered once for the
 # first input's shape and reused for any other; channels-last for depthwise ones on channels-last activations: up to
-# 30% at batch 1), at the cost of a second copy of those weights in memory. Set to False to trade the speed for the memory. The copies follow every
-# change autograd sees (in-place updates, replaced parameters, load_state_dict, .to()); edits through `.data` are
-# hidden from it: call `model.eval()` (or `model.train()`) after them, which drops the copies.
+# 30% at batch 1), at the cost of a second copy of those weights in memory. Set to False to trade the speed for the
+# memory. The copies follow every change autograd sees (in-place updates, replaced parameters, load_state_dict,
+# .to()); edits through `.data` are hidden from it: call `model.eval()` (or `model.train()`) after them, which drops
+# the copies.
 PACK_WEIGHTS = True
 
 
@@ -151,8 +152,9 @@ class CachedWeightsMixin:
     every copy, so no stale copy of an earlier weight or dtype stays alive.
     """
 
-    def _cached(self, tag, build, weight: torch.Tensor, bias: torch.Tensor | None):
-        """build() once per tag for this (weight, bias): the module's current parameters, passed in by the caller."""
+    def _cached(self, tag, dtype: torch.dtype, prepare, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(prepare(weight in `dtype`), bias in `dtype`), built once per tag for this (weight, bias): the module's
+        current parameters, passed in by the caller."""
         key = (weight.data_ptr(), weight.dtype, weight._version,
                None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
         state = self.__dict__.get("_cached_weights")
@@ -164,7 +166,8 @@ class CachedWeightsMixin:
         value = state["values"].get(tag)
         if value is None:
             with torch.no_grad():
-                value = state["values"][tag] = build()
+                value = state["values"][tag] = (prepare(weight.detach().to(dtype)),
+                                                None if bias is None else bias.detach().to(dtype))
         return value
 
     @staticmethod
@@ -207,9 +210,7 @@ class InternImageLinear(CachedWeightsMixin, nn.Linear):
                 # Given a plain weight, oneDNN's linear reorders it on every call (3-15% of the call at InternImage's
                 # shapes; the same arithmetic follows, so results are bit-identical), and bfloat16 autocast would
                 # cast it on every call.
-                weight, bias = self._cached(("onednn", dtype), lambda: (
-                    _ONEDNN_REORDER(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)),
-                    weight, bias)
+                weight, bias = self._cached(("onednn", dtype), dtype, _ONEDNN_REORDER, weight, bias)
             elif dtype != weight.dtype:
                 weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
             if gelu:
@@ -246,15 +247,12 @@ class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
             layout = torch.channels_last
         if self._onednn_applies(x, dtype, layout, autocast):
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            weight, bias = self._cached(("onednn", dtype, layout), lambda: (
-                _ONEDNN_CONV_REORDER(weight.detach().to(dtype).contiguous(memory_format=layout), *args,
-                                     list(x.shape)),
-                None if bias is None else bias.detach().to(dtype)), weight, bias)
+            weight, bias = self._cached(("onednn", dtype, layout), dtype, lambda w: _ONEDNN_CONV_REORDER(
+                w.contiguous(memory_format=layout), *args, list(x.shape)), weight, bias)
             return _ONEDNN_CONV(x.to(dtype), weight, bias, *args, "none", [], "")
         if dtype != weight.dtype or not weight.is_contiguous(memory_format=layout):
-            weight, bias = self._cached(("conv", dtype, layout), lambda: (
-                weight.detach().to(dtype).contiguous(memory_format=layout),
-                None if bias is None else bias.detach().to(dtype)), weight, bias)
+            weight, bias = self._cached(("conv", dtype, layout), dtype,
+                                        lambda w: w.contiguous(memory_format=layout), weight, bias)
         return self._conv_forward(x, weight, bias)
 
     def _onednn_applies(self, x: torch.Tensor, dtype: torch.dtype, layout, autocast: bool) -> bool:
