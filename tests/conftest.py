@@ -13,7 +13,8 @@ from internimage_hf.utils import relative_error
 from internimage_hf.ops.build import build_kernels
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("INTERNIMAGE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official"))
+# Official parity fixtures, inside the repository (tests/fixtures/README.md); INTERNIMAGE_FIXTURES overrides.
+FIXTURES = Path(os.environ.get("INTERNIMAGE_FIXTURES") or Path(__file__).resolve().parent / "fixtures" / "official")
 MODEL_CASES = ("tiny_t", "tiny_l", "tiny_h", "tiny_g")
 
 
