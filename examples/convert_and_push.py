@@ -4,8 +4,10 @@
     python examples/convert_and_push.py internimage_t_1k_224.pth converted/internimage-t-1k-224 --variant t \\
         --push-to-hub your-name/internimage-t-1k-224
 
-SOURCE is an official `.pth` (from the Hub repo OpenGVLab/InternImage) or an OpenGVLab remote-code repo folder; the
-variant is detected from the weights (`--variant` is checked against them).
+SOURCE is a local official `.pth` (downloaded from the Hub repo OpenGVLab/InternImage), a local OpenGVLab
+remote-code repo folder, or a Hub source written explicitly as `hf://owner/name[/file.pth]` (e.g.
+`hf://OpenGVLab/InternImage/internimage_t_1k_224.pth`); a local path that does not exist is an error, never a Hub
+lookup. The variant is detected from the weights (`--variant` is checked against them).
 The folder gets `config.json` (with ImageNet class names), `model.safetensors`, `preprocessor_config.json` and a
 model card naming the target repo. The converted model is reloaded with the Auto classes and run once before
 anything is uploaded (`huggingface_hub.HfApi().create_repo` + `upload_folder`). Without `--push-to-hub` this is a
@@ -42,7 +44,7 @@ def check(folder: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="official .pth file or OpenGVLab remote-code repo folder")
+    parser.add_argument("source", help="official .pth file, OpenGVLab remote-code repo folder, or hf://owner/name[/file]")
     parser.add_argument("output_dir", help="folder to create")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--variant", help="t, s, b, l, xl, h or g (default: detected from the weights)")

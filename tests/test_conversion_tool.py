@@ -552,9 +552,15 @@ def test_disk_error_while_saving_leaves_nothing(fixtures_dir, tmp_path, monkeypa
 
 def test_hub_source_offline_is_one_line(tmp_path, capsys):
     out = tmp_path / "out"
+    assert cli_main(["convert", "hf://nobody-here/no-such-internimage", str(out)]) == 1
+    line = one_error_line(capsys)
+    assert "hf://nobody-here/no-such-internimage cannot be fetched from the Hugging Face Hub: offline mode" in line
+    assert not out.exists()
+    # without hf:// it is a local path, and a missing one is an error (never a Hub lookup)
     assert cli_main(["convert", "nobody-here/no-such-internimage", str(out)]) == 1
     line = one_error_line(capsys)
-    assert "not a local path and cannot be fetched from the Hugging Face Hub: offline mode" in line
+    assert line.endswith("nobody-here/no-such-internimage: no such file or folder (a Hugging Face Hub source is "
+                         "written hf://nobody-here/no-such-internimage)")
     assert not out.exists()
 
 

@@ -11,10 +11,12 @@ The full tool (variant detection, labels, model cards, verification, Hub downloa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +60,10 @@ _STATE_DICT_KEYS = ("model", "model_ema", "module", "state_dict")
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message says why in one sentence (plus the offending keys)."""
+
+
+class PickleRefused(ConversionError):
+    """A `.pth` holds Python objects besides tensors, and unpickling it was not allowed."""
 
 
 def rename_official_key(key: str, prefix: str = "internimage.") -> str:
@@ -127,7 +133,7 @@ def load_pth(path: str | os.PathLike, trust_pickle: bool = False, use_ema: bool 
     except Exception as error:  # unpickling errors have many types
         text = str(error)
         if not trust_pickle and ("weights_only" in text or "Unsupported global" in text):
-            raise ConversionError(
+            raise PickleRefused(
                 f"{path} holds Python objects besides tensors; refusing to unpickle it. If you trust the file, "
                 f"pass --trust-pickle (trust_pickle=True)."
             ) from None
@@ -151,6 +157,31 @@ def extract_state_dict(checkpoint, use_ema: bool = False, source: str = "checkpo
     if bad:
         raise ConversionError(f"{source}: entries that are not tensors: {_format_keys(bad)}")
     return dict(state)
+
+
+def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse, naming the tensor, what cannot be an InternImage weight: complex or non-float dtypes, 0-d weights,
+    NaN or Inf values (integer 0-d `num_batches_tracked` counters are fine). Meta tensors are checked by dtype and
+    shape only."""
+    for key, tensor in state_dict.items():
+        where = f"{source}: tensor {key!r}"
+        if tensor.is_complex():
+            raise ConversionError(f"{where} is complex ({tensor.dtype}); InternImage weights are real numbers")
+        if key.endswith("num_batches_tracked"):
+            if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.numel() != 1:
+                raise ConversionError(f"{where} should be one integer (a batch-norm counter); found {tensor.dtype} "
+                                      f"of shape {tuple(tensor.shape)}")
+            continue
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{where} has dtype {tensor.dtype}; InternImage weights are floating point")
+        if tensor.ndim == 0:
+            raise ConversionError(f"{where} is a 0-d scalar; every InternImage weight has at least one dimension")
+        if tensor.device.type != "meta":
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                kinds = " and ".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(tensor).any()))
+                raise ConversionError(f"{where} holds {bad} {kinds} value{'s' if bad > 1 else ''} (of "
+                                      f"{tensor.numel()}); refusing to convert broken weights")
 
 
 def weight_files(folder: str | os.PathLike) -> tuple[list[Path], str]:
@@ -198,12 +229,19 @@ def read_official_config(path: str | os.PathLike) -> InternImageConfig:
     """InternImageConfig from a JSON file of official constructor keyword arguments (or a remote-code config)."""
     path = Path(path)
     try:
-        kwargs = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        kwargs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise ConversionError(f"{path} holds a JSON {type(kwargs).__name__}; it must be a JSON object of official "
+                              f"InternImage(...) keyword arguments")
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype"):
         kwargs.pop(key, None)
-    return InternImageConfig(**kwargs)
+    try:
+        return InternImageConfig(**kwargs)
+    except Exception as error:  # wrong value types or ranges: the config's own check, as one line
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise ConversionError(f"{path} is not a valid InternImage configuration: {text}") from None
 
 
 # ---------------------------------------------------------------------------------------------- building models
@@ -233,6 +271,63 @@ def check_saved_weights(folder: str | os.PathLike, model: torch.nn.Module) -> in
     return len(seen)
 
 
+# Staging folders beside an output: `.internimage-hf-{new|old}-{pid}-{host}-{random}-{name}`. A conversion killed
+# mid-save (SIGKILL, power loss) cannot clean up after itself; the next save into the same parent folder removes the
+# staging folders of dead processes of this host (and puts back an output a killed --overwrite had moved aside).
+_STAGING_PREFIX = ".internimage-hf-"
+_STAGING_NAME = re.compile(r"^\.internimage-hf-(new|old)-(\d+)-([0-9a-f]{8})-")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _staging_prefix(kind: str) -> str:
+    return f"{_STAGING_PREFIX}{kind}-{os.getpid()}-{_host_tag()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # pragma: no cover - os.kill would terminate the process there: never sweep
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_staging(parent: str | os.PathLike) -> list[Path]:
+    """Remove staging folders left in `parent` by conversions that were killed; returns what was removed.
+
+    Only folders of this naming scheme, made on this host by processes that no longer exist, are touched. An output
+    that a killed `--overwrite` had already moved aside (and not yet replaced) is moved back first."""
+    parent = Path(parent)
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    host = _host_tag()
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if not match or match[3] != host or _pid_alive(int(match[2])) or not entry.is_dir() or entry.is_symlink():
+            continue
+        if match[1] == "old":
+            for inner in list(entry.iterdir()):
+                target = parent / inner.name
+                if not target.exists() and not target.is_symlink():
+                    try:
+                        os.replace(inner, target)
+                    except OSError:
+                        pass
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
+
 def _publishable_permissions(folder: Path) -> None:
     """mkdtemp makes 0700 folders and transformers writes 0600 weights; give the output the usual umask modes."""
     umask = os.umask(0)
@@ -246,8 +341,9 @@ def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None
                     overwrite: bool = False, *, max_shard_size: str | int | None = None,
                     card: str | None = None) -> Path:
     """Write config, safetensors (sharded above `max_shard_size`), preprocessor config and the README card into
-    a temp folder next to `output_dir`, re-read the weights, then move the folder into place. On any failure the
-    temp folder is removed and an existing `output_dir` is untouched."""
+    a staging folder next to `output_dir`, re-read the weights, then move the folder into place. On any failure the
+    staging folder is removed and an existing `output_dir` is untouched; staging folders of killed runs are swept
+    by the next save into the same folder (`sweep_staging`)."""
     from transformers.utils import logging as hf_logging
 
     from .processing import make_image_processor
@@ -255,8 +351,14 @@ def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ConversionError(f"{output_dir} already exists; choose another folder or pass --overwrite")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    parent = output_dir.parent
+    suffix = "-" + output_dir.name[:80]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        sweep_staging(parent)
+        tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix("new"), suffix=suffix, dir=parent))
+    except OSError as error:
+        raise ConversionError(f"cannot write into {parent}: {error.strerror or error}") from None
     old = None
     bars = hf_logging.is_progress_bar_enabled()
     try:
@@ -273,7 +375,7 @@ def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None
         check_saved_weights(tmp, model)
         _publishable_permissions(tmp)
         if output_dir.exists():  # keep the old folder until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=_staging_prefix("old"), suffix=suffix, dir=parent))
             os.replace(output_dir, old / output_dir.name)
         os.replace(tmp, output_dir)
     except BaseException:

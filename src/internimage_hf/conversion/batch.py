@@ -2,7 +2,9 @@
 
 Each entry gets a progress bar (read, detect, load, verify, save[, push]) and a row in the closing summary table.
 Sources are looked up in --source-dir (a `.pth` file or a remote-code repo folder named after the entry), and
-otherwise fetched from the manifest's `source_repo` on the Hub (offline, that fails cleanly for that entry).
+otherwise fetched from the Hub repo the manifest names as `source_repo` (offline, that fails cleanly for that entry);
+an entry's source may also be an explicit `hf://owner/name[/file]`. Entry names are plain folder names (checked when
+the manifest is read), so every output lands directly inside --output-root.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .pipeline import STEPS, convert_checkpoint
-from .releases import OFFICIAL_REPO, ManifestEntry, load_manifest
+from .releases import ManifestEntry, load_manifest
 
 
 @dataclass
@@ -29,8 +31,11 @@ class EntryResult:
     error: str = ""
 
 
-def resolve_source(entry: ManifestEntry, source_dir: Path | None, source_repo: str) -> str:
-    """A local path when the source is there, else the Hub reference `source_repo/file`."""
+def resolve_source(entry: ManifestEntry, source_dir: Path | None, source_repo: str | None) -> str:
+    """A local path when the source is there, else the Hub reference `hf://source_repo/file` (when the manifest
+    names a source_repo; else the missing local path, which the converter reports)."""
+    if entry.source.startswith("hf://"):
+        return entry.source
     candidates = []
     if Path(entry.source).is_absolute():
         candidates.append(Path(entry.source))
@@ -41,9 +46,9 @@ def resolve_source(entry: ManifestEntry, source_dir: Path | None, source_repo: s
     for candidate in candidates:
         if candidate.exists():
             return str(candidate)
-    if Path(entry.source).is_absolute():
-        return entry.source  # let the converter say "no such file"
-    return f"{source_repo}/{entry.source}"
+    if Path(entry.source).is_absolute() or not source_repo:
+        return str(candidates[0]) if candidates else entry.source  # the converter says "no such file"
+    return f"hf://{source_repo.removeprefix('hf://')}/{entry.source}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -71,9 +76,13 @@ def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | 
             raise ValueError(f"--only names not in the manifest: {', '.join(unknown)} "
                              f"(it has {', '.join(e.name for e in entries)})")
         entries = [e for e in entries if e.name in wanted]
-    source_repo = data.get("source_repo") or OFFICIAL_REPO
+    source_repo = data.get("source_repo")
     source_dir = Path(source_dir) if source_dir is not None else None
     output_root = Path(output_root)
+    root = output_root.resolve()
+    for entry in entries:  # load_manifest checked the names; make sure before anything is written
+        if (output_root / entry.name).resolve().parent != root:
+            raise ValueError(f"entry {entry.name!r} would be written outside --output-root {output_root}")
     results = []
     for entry in entries:
         steps = STEPS + (("push",) if push else ())

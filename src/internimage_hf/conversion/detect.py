@@ -84,7 +84,7 @@ def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
             raise ConversionError(
-                f"Not an InternImage state dict: it has no {key!r} (official name: see SPEC §3); pass "
+                f"Not an InternImage state dict: after renaming the official keys it has no {key!r}; pass "
                 f"--official-config FILE if this is a modified InternImage"
             )
         return tuple(sd[key].shape)

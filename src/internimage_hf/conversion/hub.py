@@ -1,4 +1,5 @@
-"""The Hugging Face Hub side: downloading official sources by repo id, and uploading converted folders.
+"""The Hugging Face Hub side: downloading official sources named `hf://owner/name[/file]`, and uploading converted
+folders.
 
 Every network call goes through `huggingface_hub` (`hf_hub_download`, `snapshot_download`, `HfApi.create_repo`,
 `HfApi.create_branch`, `HfApi.upload_folder`); an `api` object can be injected (tests pass a fake one). Offline
@@ -13,8 +14,11 @@ from pathlib import Path
 
 from ..convert import ConversionError
 
-# owner/name, optionally followed by a path to one file inside the repo (owner/name/dir/file.pth)
-_HUB_REFERENCE = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^\s]+))?$")
+# Hub sources are always explicit: hf://owner/name, optionally followed by a path to one file inside the repo
+# (hf://owner/name/dir/file.pth). A bare owner/name is a local path (and an error when it does not exist).
+HUB_SCHEME = "hf://"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_HUB_REFERENCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:/(?P<file>[^\s]+))?$")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin"]
 
 
@@ -26,25 +30,30 @@ def is_offline() -> bool:
     return bool(constants.is_offline_mode()) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether `text` is a Hub repo id `owner/name`."""
+    return bool(_REPO_ID.match(str(text)))
+
+
 def parse_hub_reference(source: str) -> tuple[str, str | None] | None:
-    """(repo_id, file or None) when `source` reads as a Hub reference and is not a local path; else None."""
-    text = str(source)
-    if Path(text).exists() or text.startswith((".", "/", "~")) or "\\" in text:
-        return None
-    match = _HUB_REFERENCE.match(text)
+    """(repo_id, file or None) for `hf://owner/name[/file]`; None for anything else (local paths included)."""
+    match = _HUB_REFERENCE.match(str(source))
     if not match:
         return None
-    return match["repo"], match["file"]
+    file = match["file"]
+    if file is not None and any(part in ("", ".", "..") for part in file.split("/")):
+        return None
+    return match["repo"], file
 
 
 def download_source(source: str, revision: str | None = None, cache_dir: str | None = None) -> tuple[Path, str | None]:
-    """Fetch a Hub source: `owner/name` (a whole remote-code repo's weights and config) or `owner/name/file.pth`.
+    """Fetch a Hub source: `hf://owner/name` (a remote-code repo's weights and config) or `hf://owner/name/file.pth`.
 
     Returns (local path, commit hash or None). Any failure is a ConversionError with one sentence.
     """
     parsed = parse_hub_reference(source)
     if parsed is None:
-        raise ConversionError(f"{source}: no such file or folder, and not a Hub repo id (owner/name[/file])")
+        raise ConversionError(f"{source}: not a Hub reference of the form {HUB_SCHEME}owner/name[/file]")
     repo_id, filename = parsed
     offline = is_offline()
     try:
@@ -62,12 +71,11 @@ def download_source(source: str, revision: str | None = None, cache_dir: str | N
         where = f"{repo_id}/{filename}" if filename else repo_id
         if offline:
             raise ConversionError(
-                f"{source} is not a local path and cannot be fetched from the Hugging Face Hub: offline mode "
-                f"(HF_HUB_OFFLINE=1) and {where} is not in the local cache"
+                f"{source} cannot be fetched from the Hugging Face Hub: offline mode (HF_HUB_OFFLINE=1) and {where} "
+                f"is not in the local cache"
             ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{source} is not a local path, and downloading it from the Hugging Face Hub "
-                              f"failed: {reason}") from None
+        raise ConversionError(f"downloading {source} from the Hugging Face Hub failed: {reason}") from None
     parts = path.parts
     commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
     return path, commit

@@ -1,6 +1,6 @@
 """Official checkpoint -> verified, documented `save_pretrained` folder.
 
-Steps: read the source (file, folder or Hub id; hashed), rename keys (the one mapping in `internimage_hf.convert`),
+Steps: read the source (local file or folder, or an explicit `hf://` Hub reference; hashed; every tensor checked), rename keys (the one mapping in `internimage_hf.convert`),
 plan (detect the variant, pick config, labels, resolution, release), build the model strictly (on the meta device,
 tensors assigned, no second copy), verify against expected outputs when given, render the card, save atomically.
 `plan_conversion` needs shapes only, so it runs on meta-device state dicts of the real sizes.
@@ -22,6 +22,8 @@ import torch
 from ..configuration_internimage import VARIANTS, InternImageConfig
 from ..convert import (
     ConversionError,
+    PickleRefused,
+    check_tensors,
     convert_official_state_dict,
     load_converted_weights,
     load_official_source,
@@ -67,18 +69,39 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
 def read_source(source: str | os.PathLike, *, trust_pickle: bool = False, use_ema: bool = False,
                 revision: str | None = None) -> tuple[dict, InternImageConfig | None, SourceInfo]:
-    """(official state dict, config the source carries or None, SourceInfo). Hub ids are downloaded first."""
-    path, commit = Path(source), None
-    if not path.exists():
-        from .hub import download_source, parse_hub_reference
+    """(official state dict, config the source carries or None, SourceInfo).
 
-        if parse_hub_reference(str(source)) is None:
-            raise ConversionError(f"{source}: no such file or folder")
-        path, commit = download_source(str(source), revision=revision)
-    state_dict, config = load_official_source(path, trust_pickle=trust_pickle, use_ema=use_ema)
+    A source is a local file or folder, or a Hub reference written `hf://owner/name[/file]` (downloaded first). A
+    local path that does not exist is an error, never a Hub lookup. `trust_pickle` applies to a local file only:
+    a downloaded `.pth` is always read with `weights_only=True`. Every tensor is checked (`check_tensors`)."""
+    from .hub import HUB_SCHEME, download_source, parse_hub_reference
+
+    text = str(source)
+    hub = text.startswith(HUB_SCHEME)
+    if hub:
+        if parse_hub_reference(text) is None:
+            raise ConversionError(f"{text}: not a Hub reference of the form {HUB_SCHEME}owner/name or "
+                                  f"{HUB_SCHEME}owner/name/path/to/file")
+        path, commit = download_source(text, revision=revision)
+    else:
+        path, commit = Path(source), None
+        if not path.exists():
+            hint = ""
+            if not text.startswith((".", "/", "~")) and text.count("/") >= 1 and "\\" not in text:
+                hint = f" (a Hugging Face Hub source is written {HUB_SCHEME}{text})"
+            raise ConversionError(f"{text}: no such file or folder{hint}")
+    try:
+        state_dict, config = load_official_source(path, trust_pickle=trust_pickle and not hub, use_ema=use_ema)
+    except PickleRefused:
+        if not hub:
+            raise
+        raise ConversionError(f"{text} holds Python objects besides tensors; refusing to unpickle a downloaded file "
+                              f"(--trust-pickle applies only to a local file you name: download it, check it, and "
+                              f"convert the local copy)") from None
+    check_tensors(state_dict, text if hub else Path(source).name)
     files = weight_files(path)[0] if path.is_dir() else [path]
     # a local path is named by its last component only: the card is public, the folder layout is not
-    label = str(source) if commit is not None else Path(source).name
+    label = text if hub else Path(source).name
     info = SourceInfo(label=label, files=[(f.name, sha256_file(f)) for f in files], commit=commit,
                       use_ema=use_ema)
     return state_dict, config, info
@@ -145,10 +168,29 @@ def apply_labels(config: InternImageConfig, labels: str = "auto") -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConversionError(f"--labels {labels}: not 'auto', 'imagenet', 'none' or a readable file ({error})")
+        reason = error.strerror or str(error)
+        raise ConversionError(f"--labels {labels}: not 'auto', 'imagenet', 'none' or a readable file ({reason})"
+                              ) from None
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"--labels {labels}: not a UTF-8 text file ({error.reason} at byte {error.start})"
+                              ) from None
     if path.suffix == ".json":
-        data = json.loads(text)
-        names = dict(enumerate(data)) if isinstance(data, list) else {int(k): str(v) for k, v in data.items()}
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"--labels {labels}: not valid JSON ({error})") from None
+        shape = "a JSON labels file is a list of class names or an object {\"0\": name, ...}"
+        if isinstance(data, list):
+            names = dict(enumerate(data))
+        elif isinstance(data, dict):
+            try:
+                names = {int(k): v for k, v in data.items()}
+            except ValueError:
+                raise ConversionError(f"--labels {labels}: {shape}; its keys must be class indices") from None
+        else:
+            raise ConversionError(f"--labels {labels}: {shape}, not a {type(data).__name__}")
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in names.values()):
+            raise ConversionError(f"--labels {labels}: {shape}; the class names must be strings")
     else:
         names = dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
     if sorted(names) != list(range(count)):
@@ -159,7 +201,8 @@ def apply_labels(config: InternImageConfig, labels: str = "auto") -> str:
 
 def resolve_image_size(variant: str | None, num_labels: int, release: Release | None, override: int | None,
                        config: InternImageConfig) -> int:
-    """--image-size, else the release's eval resolution, else SPEC §4's rule (384 for 22k heads), else config."""
+    """--image-size, else the release's eval resolution, else 384 for 22k heads (every 22k release's) or the
+    variant's eval resolution, else the config's."""
     if override:
         size = int(override)
     elif release is not None:
@@ -331,11 +374,10 @@ def default_base_model(release: Release | None, model_id: str | None) -> str | N
     """Where a fine-tune's card points: the base release under the same owner, else OpenGVLab's copy of it."""
     if release is None or not release.base:
         return None
-    from .hub import parse_hub_reference
+    from .hub import is_repo_id
 
-    parsed = parse_hub_reference(model_id) if model_id else None
-    if parsed is not None and parsed[1] is None:
-        return f"{parsed[0].split('/')[0]}/{release.base}"
+    if model_id and is_repo_id(model_id):
+        return f"{model_id.split('/')[0]}/{release.base}"
     return RELEASES_BY_NAME[release.base].remote_code_repo
 
 

@@ -1,4 +1,4 @@
-"""The 11 official InternImage classification releases (SPEC §2-§4) and the publishing manifest built from them.
+"""The 11 official InternImage classification releases and the publishing manifest built from them.
 
 `RELEASES` is the package's record of what OpenGVLab published: which `.pth` in the Hub repo `OpenGVLab/InternImage`,
 which architecture and head, the evaluation resolution, and the officially reported top-1 / parameters / FLOPs.
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+
 from ..labels import IMAGENET_1K, IMAGENET_22K
 
 OFFICIAL_REPO = "OpenGVLab/InternImage"
@@ -141,11 +143,26 @@ def build_manifest(org: str = DEFAULT_ORG) -> dict:
             "training": release.training,
             "official": {"top1": release.top1, "params": release.params, "flops": release.flops},
         })
-    return {"version": MANIFEST_VERSION, "org": org, "source_repo": OFFICIAL_REPO, "entries": entries}
+    return {"version": MANIFEST_VERSION, "org": org, "source_repo": f"hf://{OFFICIAL_REPO}", "entries": entries}
 
 
 def manifest_text(org: str = DEFAULT_ORG) -> str:
     return json.dumps(build_manifest(org), indent=2) + "\n"
+
+
+# An entry's name is the name of its output folder under --output-root (and of its Hub repo): a plain name, so that
+# it can never point outside the output root (no '/', '\\', '..', NUL, absolute paths, leading dots or spaces).
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def check_entry_name(name) -> str | None:
+    """None if `name` can be an output folder name, else why not."""
+    if not isinstance(name, str):
+        return f"is not a string ({type(name).__name__})"
+    if not _ENTRY_NAME.match(name) or name.endswith("."):
+        return ("is not a plain folder name: use 1-96 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit (no '/', no '..')")
+    return None
 
 
 @dataclass
@@ -181,10 +198,22 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
     def local(value):
         return None if value is None else (base_dir / value if not Path(value).is_absolute() else Path(value))
 
+    source_repo = data.get("source_repo")
+    if source_repo is not None:
+        from .hub import is_repo_id
+
+        if not isinstance(source_repo, str) or not is_repo_id(source_repo.removeprefix("hf://")):
+            raise ValueError(f"{path}: source_repo {source_repo!r} is not a Hub repo id (hf://owner/name)")
     entries, seen = [], set()
     for number, raw in enumerate(data["entries"], 1):
-        if not isinstance(raw, dict) or not raw.get("name") or not raw.get("source"):
+        if not isinstance(raw, dict) or "name" not in raw or not raw.get("source"):
             raise ValueError(f"{path}: entry {number} needs at least 'name' and 'source'")
+        problem = check_entry_name(raw["name"])
+        if problem:
+            raise ValueError(f"{path}: entry {number}'s name {raw['name']!a} {problem}; it names the entry's "
+                             f"output folder under --output-root")
+        if not isinstance(raw["source"], str) or "\0" in raw["source"]:
+            raise ValueError(f"{path}: entry {number}'s source {raw['source']!a} is not a path or hf:// reference")
         name = str(raw["name"])
         if name in seen:
             raise ValueError(f"{path}: two entries are named {name!r}")
