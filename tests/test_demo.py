@@ -12,10 +12,10 @@ def test_digits_dataset_is_a_stratified_held_out_split():
     splits = load_digits_dataset()
     train, test = splits["train"], splits["test"]
     assert len(train) + len(test) == 1797 and len(test) == 360
-    assert train.features["label"].names == [str(i) for i in range(10)]
-    image = test[0]["image"]
+    assert train.names == [str(i) for i in range(10)]
+    image = test.images[0]
     assert image.mode == "RGB" and image.size == (32, 32)
-    counts = [test["label"].count(k) for k in range(10)]
+    counts = [test.labels.count(k) for k in range(10)]
     assert min(counts) >= 34 and max(counts) <= 38  # every digit held out in proportion
 
 

@@ -2,43 +2,30 @@
 
 `import internimage_hf` registers the model type "internimage" with AutoConfig, AutoModel,
 AutoModelForImageClassification, AutoBackbone and AutoImageProcessor. Nothing is built or downloaded here.
+
+The one exception is the `internimage-hf` command itself (its console script, or `python -m internimage_hf`): there
+the package is imported first, so that `--help` and argument errors answer without loading torch and transformers;
+the command loads and registers everything (`_load()`) before it runs a subcommand, and so does the first access to
+any public name.
 """
 
-from transformers import (
-    AutoBackbone,
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageClassification,
-)
+import itertools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .configuration_internimage import VARIANTS, InternImageConfig
-from .modeling_internimage import (
-    InternImageBackbone,
-    InternImageForImageClassification,
-    InternImageModel,
-    InternImagePreTrainedModel,
-)
-from .ops import dcnv3_core, dcnv3_core_reference
-from .processing import make_image_processor
+if TYPE_CHECKING:  # what `_load()` puts into the namespace
+    from .configuration_internimage import VARIANTS, InternImageConfig
+    from .modeling_internimage import (
+        InternImageBackbone,
+        InternImageForImageClassification,
+        InternImageModel,
+        InternImagePreTrainedModel,
+    )
+    from .ops import dcnv3_core, dcnv3_core_reference
+    from .processing import make_image_processor
 
 __version__ = "0.1.0"
-
-
-def _register() -> None:
-    AutoConfig.register(InternImageConfig.model_type, InternImageConfig, exist_ok=True)
-    AutoModel.register(InternImageConfig, InternImageModel, exist_ok=True)
-    AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification, exist_ok=True)
-    AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
-    processor_class = type(make_image_processor())
-    try:
-        AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class},
-                                    exist_ok=True)
-    except TypeError:  # pragma: no cover - transformers before the backend split
-        AutoImageProcessor.register(InternImageConfig, slow_image_processor_class=processor_class, exist_ok=True)
-
-
-_register()
 
 __all__ = [
     "VARIANTS",
@@ -51,3 +38,83 @@ __all__ = [
     "dcnv3_core_reference",
     "make_image_processor",
 ]
+
+_loaded = False
+
+
+def _register() -> None:
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+    )
+
+    from .configuration_internimage import InternImageConfig
+    from .modeling_internimage import (
+        InternImageBackbone,
+        InternImageForImageClassification,
+        InternImageModel,
+    )
+    from .processing import make_image_processor
+
+    AutoConfig.register(InternImageConfig.model_type, InternImageConfig, exist_ok=True)
+    AutoModel.register(InternImageConfig, InternImageModel, exist_ok=True)
+    AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification, exist_ok=True)
+    AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
+    processor_class = type(make_image_processor())
+    try:
+        AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class},
+                                    exist_ok=True)
+    except TypeError:  # pragma: no cover - transformers before the backend split
+        AutoImageProcessor.register(InternImageConfig, slow_image_processor_class=processor_class, exist_ok=True)
+
+
+def _load() -> None:
+    """Import the public classes into the package namespace and register them with the Auto classes (once)."""
+    global _loaded
+    if _loaded:
+        return
+    from .configuration_internimage import VARIANTS, InternImageConfig
+    from .modeling_internimage import (
+        InternImageBackbone,
+        InternImageForImageClassification,
+        InternImageModel,
+        InternImagePreTrainedModel,
+    )
+    from .ops import dcnv3_core, dcnv3_core_reference
+    from .processing import make_image_processor
+
+    globals().update(
+        VARIANTS=VARIANTS, InternImageBackbone=InternImageBackbone, InternImageConfig=InternImageConfig,
+        InternImageForImageClassification=InternImageForImageClassification, InternImageModel=InternImageModel,
+        InternImagePreTrainedModel=InternImagePreTrainedModel, dcnv3_core=dcnv3_core,
+        dcnv3_core_reference=dcnv3_core_reference, make_image_processor=make_image_processor,
+    )
+    _register()
+    _loaded = True
+
+
+def _launched_as_command() -> bool:
+    """Whether this import is the `internimage-hf` command starting (console script or `python -m internimage_hf`).
+
+    Both are exact: the console script is the `__main__` file named `internimage-hf`, and `-m internimage_hf` is in
+    the interpreter's own command line. Any other program importing the package gets the eager import."""
+    main = sys.modules.get("__main__")
+    script = Path(getattr(main, "__file__", None) or "").name.lower()
+    if script.removesuffix(".exe").removesuffix("-script.py") == "internimage-hf":
+        return True
+    argv = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in ("internimage_hf", "internimage_hf.cli") for a, b in itertools.pairwise(argv))
+
+
+def __getattr__(name: str):
+    if name in __all__ and not _loaded:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if not _launched_as_command():
+    _load()

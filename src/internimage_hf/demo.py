@@ -4,6 +4,9 @@ Fine-tunes a small InternImage with `transformers.Trainer` on scikit-learn's han
 upsampled to 32x32 RGB, a stratified held-out split), evaluates it, saves model and image processor with
 `save_pretrained`, reloads the folder through `pipeline("image-classification")`, classifies the held-out images and
 writes a confusion-matrix PNG. Nothing is downloaded.
+
+Needs the `train` extra's accelerate (for `Trainer`), scikit-learn and matplotlib; not `datasets`: the 1797 images
+are held in memory as plain lists.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SIZE = 32
@@ -33,22 +37,46 @@ def demo_config(**overrides):
     return InternImageConfig(**fields)
 
 
-def load_digits_dataset(image_size: int = IMAGE_SIZE, held_out_fraction: float = HELD_OUT_FRACTION, seed: int = SEED):
-    """scikit-learn's digits as a `datasets.DatasetDict` with "train" and "test" (stratified), PIL RGB images."""
+@dataclass
+class ImageSplit:
+    """Images (PIL, RGB) with integer labels and the class names: one split of the digits."""
+
+    images: list
+    labels: list[int]
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices) -> ImageSplit:
+        return ImageSplit([self.images[i] for i in indices], [self.labels[i] for i in indices], self.names)
+
+    def encoded(self, image_processor) -> list[dict]:
+        """Examples for `Trainer`: `pixel_values` (preprocessed once) and `labels`."""
+        import torch
+
+        pixels = image_processor(self.images, return_tensors="pt")["pixel_values"]
+        return [{"pixel_values": p, "labels": torch.tensor(label)} for p, label in zip(pixels, self.labels)]
+
+
+def load_digits_dataset(image_size: int = IMAGE_SIZE, held_out_fraction: float = HELD_OUT_FRACTION,
+                        seed: int = SEED) -> dict[str, ImageSplit]:
+    """scikit-learn's digits as {"train", "test"} `ImageSplit`s (stratified held-out split), PIL RGB images."""
     import numpy as np
-    from datasets import ClassLabel, Dataset, Features
-    from datasets import Image as ImageFeature
     from PIL import Image
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 -> 0..255
     images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB")
               for p in pixels]
+    labels = [int(t) for t in digits.target]
     names = [str(i) for i in range(10)]
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=names)})
-    dataset = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
-    return dataset.train_test_split(test_size=held_out_fraction, seed=seed, stratify_by_column="label")
+    train, test = train_test_split(list(range(len(labels))), test_size=held_out_fraction, random_state=seed,
+                                   stratify=labels)
+    every = ImageSplit(images, labels, names)
+    return {"train": every.subset(train), "test": every.subset(test)}
 
 
 def save_confusion_matrix(labels, predictions, names, path: Path, title: str) -> Path:
@@ -106,7 +134,6 @@ def _run_demo(args) -> int:
         InternImageTrainer,
         collate_image_classification,
         compute_accuracy,
-        image_classification_transform,
     )
 
     start = time.perf_counter()
@@ -119,15 +146,15 @@ def _run_demo(args) -> int:
 
     splits = load_digits_dataset()
     if quick:
-        splits["train"] = splits["train"].shuffle(seed=SEED).select(range(QUICK_TRAIN_IMAGES))
-    names = splits["train"].features["label"].names
+        order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(SEED))
+        splits["train"] = splits["train"].subset(order[:QUICK_TRAIN_IMAGES].tolist())
+    names = splits["train"].names
     print(f"digits: {len(splits['train'])} training and {len(splits['test'])} held-out images, "
           f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB, classes {' '.join(names)}")
 
     processor = make_image_processor(IMAGE_SIZE)
-    transform = image_classification_transform(processor)
-    train_set = splits["train"].with_transform(transform)
-    test_set = splits["test"].with_transform(transform)
+    train_set = splits["train"].encoded(processor)
+    test_set = splits["test"].encoded(processor)
 
     config = demo_config(num_labels=len(names), id2label=dict(enumerate(names)),
                          label2id={name: i for i, name in enumerate(names)})
@@ -172,7 +199,7 @@ def _run_demo(args) -> int:
     print(f"saved model and image processor to {model_dir}")
 
     classifier = pipeline("image-classification", model=str(model_dir), device=0 if torch.cuda.is_available() else -1)
-    images, labels = list(splits["test"]["image"]), splits["test"]["label"]
+    images, labels = splits["test"].images, splits["test"].labels
     predictions = []
     batch = 120
     for i in tqdm(range(0, len(images), batch), desc="pipeline on held-out images"):
@@ -195,4 +222,4 @@ def _run_demo(args) -> int:
     return 0
 
 
-__all__ = ["demo_config", "load_digits_dataset", "run_demo", "save_confusion_matrix"]
+__all__ = ["ImageSplit", "demo_config", "load_digits_dataset", "run_demo", "save_confusion_matrix"]

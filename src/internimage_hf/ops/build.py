@@ -25,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,14 +183,12 @@ load(name=cfg["name"], sources=cfg["sources"], extra_cflags=cfg["cflags"], extra
 
 # Runs in a child process: import the staged package the way the loader does and run the op once.
 _SMOKE_SCRIPT = r"""
-import importlib.util, json, sys
+import sys
 import torch
 path = sys.argv[1]
-meta = json.load(open(path + "/metadata.json"))
-spec = importlib.util.spec_from_file_location(meta["id"], path + "/__init__.py")
-mod = importlib.util.module_from_spec(spec)
-sys.modules[meta["id"]] = mod
-spec.loader.exec_module(mod)
+from pathlib import Path
+from internimage_hf.ops.loader import _import_variant
+mod = _import_variant(Path(path)).module  # validated names, verified files, namespaced module name
 x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
 off = torch.randn(2, 5, 6, 2 * 9 * 2, dtype=torch.float64, requires_grad=True)
 m = torch.rand(2, 5, 6, 2 * 9, dtype=torch.float64, requires_grad=True)
@@ -199,13 +199,27 @@ print("ok", ",".join(mod.backends()))
 """
 
 
-def _run(cmd: list[str], verbose: bool, what: str, log: Path, extra_env: dict[str, str] | None = None) -> str:
+def _run(cmd: list[str], verbose: bool, what: str, log: Path, extra_env: dict[str, str] | None = None,
+         tick: Callable[[float], None] | None = None, tick_seconds: float = 1.0) -> str:
+    """Run a child process; `tick(elapsed seconds)` is called about every `tick_seconds` while it runs."""
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     env.update(extra_env or {})
-    proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env)
-    out = proc.stdout or ""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        while True:
+            try:
+                out, _ = proc.communicate(timeout=tick_seconds if tick else None)
+                break
+            except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+                tick(time.monotonic() - start)
+    except BaseException:  # Ctrl-C, or a progress callback that gives up: no orphaned compiler
+        proc.kill()
+        proc.wait()
+        raise
+    out = out or ""
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {what}\n{out}\n")
     if proc.returncode != 0:
@@ -230,15 +244,28 @@ def _write_package(src: Path, dest: Path, ext_name: str, meta: dict) -> None:
     (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def _record_files(package: Path, meta: dict) -> None:
+    """Record the size and SHA-256 of every file of the package (the library included) in its metadata.json: the
+    loader checks them before importing anything (a truncated library would crash the process on first use)."""
+    from .loader import file_record
+
+    meta["internimage_hf"]["files"] = {p.name: file_record(p) for p in sorted(package.iterdir())
+                                       if p.is_file() and p.name != "metadata.json"}
+    (package / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None = None, verbose: bool = False,
-                  force: bool = False) -> Path:
+                  force: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
     """Compile the DCNv3 kernels into the cache; returns the variant folder (`<cache>/build/<variant>`).
 
     cuda: None = build the CUDA kernel too when torch is a CUDA build and nvcc is found; True = require it;
     False = CPU only. The arch list comes from $TORCH_CUDA_ARCH_LIST (default "8.0;8.6;8.9;9.0+PTX").
     An up-to-date build (same sources, torch and backends) is kept unless force=True.
+    `progress(step, seconds)` is told what happens: "reuse" (an up-to-date build is kept; nothing else follows), or
+    "compile" (first at 0 s, then about every second while the compiler runs), "smoke-test", "install".
     Raises KernelBuildError with the compiler's output when the build fails.
     """
+    report = progress or (lambda step, seconds=0.0: None)
     import torch
 
     src = source_dir()
@@ -256,8 +283,13 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
         if not force and final.is_dir():
             try:
                 record = read_metadata(final).get("internimage_hf", {})
+                from .loader import build_record, verify_build
+
+                _, record = build_record(final)
+                verify_build(final, record)  # every file as the build wrote it (else: rebuild)
                 if (record.get("source_digest") == digest and record.get("torch") == torch.__version__
-                        and record.get("backends") == backends and any(final.glob(f"{record['ext_name']}*"))):
+                        and record.get("backends") == backends):
+                    report("reuse", 0.0)
                     return final
             except Exception:  # unreadable or foreign folder: rebuild it
                 pass
@@ -281,8 +313,10 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
             cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "ldflags": ldflags,
                    "cuda_cflags": cuda_cflags, "include": [str(src), str(src / "torch-ext")],
                    "build_dir": str(obj_dir), "verbose": verbose, "with_cuda": with_cuda}
+            report("compile", 0.0)
             _run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)], verbose, "compile", log,
-                 {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None)
+                 {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None,
+                 tick=(lambda seconds: report("compile", seconds)) if progress else None)
             libs = [p for p in obj_dir.iterdir() if p.name.startswith(ext_name) and p.suffix in {".so", ".pyd"}]
             if not libs:
                 raise KernelBuildError(f"the compiler produced no library in {obj_dir}; full log: {log}")
@@ -307,7 +341,10 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
             package = staging / variant
             _write_package(src, package, ext_name, meta)
             shutil.copy2(libs[0], package / libs[0].name)
+            _record_files(package, meta)
+            report("smoke-test", 0.0)
             _run([sys.executable, "-c", _SMOKE_SCRIPT, str(package)], False, "smoke test", log)
+            report("install", 0.0)
 
             final.parent.mkdir(parents=True, exist_ok=True)
             old = None
