@@ -278,9 +278,14 @@ def test_non_contiguous_and_mixed_dtype_inputs(kernel):
 
 def test_samples_far_outside_read_zeros(kernel):
     x, offset, mask, args = make_case(dtype=torch.float32)
-    for big in (1e6, -1e6, float("inf")):
+    for big in (1e6, -1e6, 1e30):
         out = kernel.dcnv3_core(x, torch.full_like(offset, big), mask, *args)
         assert torch.equal(out, torch.zeros_like(out))
+    # Non-finite offsets are not "far outside": NaN, as in the reference (grid_sample's weights are NaN there).
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        out = kernel.dcnv3_core(x, torch.full_like(offset, bad), mask, *args)
+        ref = dcnv3_core_reference(x, torch.full_like(offset, bad), mask, *args)
+        assert out.isnan().all() and ref.isnan().all()
 
 
 @pytest.mark.parametrize("gc", [16, 5])  # the register-group path (released widths) and the generic one

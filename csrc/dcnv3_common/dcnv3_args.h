@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -19,7 +20,7 @@ struct Shape {
 inline Shape check_args(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, int64_t kernel_h,
                         int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                         int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
-                        int64_t remove_center) {
+                        int64_t remove_center, double offset_scale) {
   TORCH_CHECK(input.dim() == 4, "DCNv3: input must be channels-last (N, H, W, C), got ", input.dim(), " dims");
   TORCH_CHECK(offset.dim() == 4 && mask.dim() == 4, "DCNv3: offset and mask must be 4-d (N, Ho, Wo, ...)");
   TORCH_CHECK(offset.scalar_type() == input.scalar_type() && mask.scalar_type() == input.scalar_type(),
@@ -38,6 +39,10 @@ inline Shape check_args(const at::Tensor& input, const at::Tensor& offset, const
   TORCH_CHECK(group >= 1 && group_channels >= 1, "DCNv3: group and group_channels must be >= 1");
   TORCH_CHECK(!remove_center || (kernel_h % 2 == 1 && kernel_w % 2 == 1),
               "DCNv3: remove_center needs an odd kernel size");
+  // (The kernels divide by the number of points: a 1x1 kernel with remove_center, which has none, must stop here.)
+  TORCH_CHECK(num_points(static_cast<int>(kernel_h), static_cast<int>(kernel_w), remove_center != 0) >= 1,
+              "DCNv3: no sampling points (a 1x1 kernel with remove_center)");
+  TORCH_CHECK(std::isfinite(offset_scale), "DCNv3: offset_scale must be finite, got ", offset_scale);
   Shape s;
   s.N = input.size(0);
   s.H = input.size(1);
@@ -53,7 +58,7 @@ inline Shape check_args(const at::Tensor& input, const at::Tensor& offset, const
   s.Ho = output_size(s.H, kernel_h, stride_h, pad_h, dilation_h);
   s.Wo = output_size(s.W, kernel_w, stride_w, pad_w, dilation_w);
   TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, "DCNv3: input ", s.H, "x", s.W,
-              " is too small for this kernel/stride/padding/dilation");
+              " is smaller than the kernel footprint (empty output) for this kernel/stride/padding/dilation");
   s.P = num_points(static_cast<int>(kernel_h), static_cast<int>(kernel_w), remove_center != 0);
   TORCH_CHECK(offset.size(0) == s.N && offset.size(1) == s.Ho && offset.size(2) == s.Wo &&
                   offset.size(3) == s.G * s.P * 2,

@@ -71,9 +71,15 @@ DCNV3_HD int32_t floor_int(T x) {
   return t - static_cast<int32_t>(x < static_cast<T>(t));
 }
 
-// Output length of one spatial axis, as in a convolution.
+// Output length of one spatial axis, as in a convolution: floor((size + 2 pad - footprint) / stride) + 1, the one
+// C++ definition (CPU and CUDA entry points, through check_args). The division floors, as Python's // does in
+// internimage_hf's `dcnv3_output_size` and the kernel package's fake implementation: an input smaller than the
+// kernel footprint gives a length <= 0 (refused by check_args), never 1 (C++ division truncates towards zero).
+// stride >= 1.
 DCNV3_HD int64_t output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
-  return (size + 2 * pad - (dilation * (kernel - 1) + 1)) / stride + 1;
+  const int64_t room = size + 2 * pad - (dilation * (kernel - 1) + 1);
+  const int64_t steps = room >= 0 ? room / stride : -((-room + stride - 1) / stride);  // floor(room / stride)
+  return steps + 1;
 }
 
 // Number of sampling points of one group.
@@ -147,8 +153,12 @@ struct Corners {
 // Branch-free (the CPU kernel runs it as a vector loop over many points): coordinates farther out than one pixel
 // beyond the image, and NaN, are first clamped to two pixels outside, which leaves every corner outside as before
 // and keeps the float -> int conversion in range for arbitrarily large offsets. Spatial sizes are < 2^29.
+// A non-finite coordinate (NaN or infinite offsets) gives NaN fx and fy, hence NaN bilinear weights for all four
+// corners (flag_bit * NaN is NaN): the point's sample is NaN, as grid_sample's is in the reference, instead of the
+// zero of a point outside the image. The kernels must therefore apply the weights of every point, inside or not.
 template <typename T>
 DCNV3_HD void locate(T u, T v, int64_t pad_w, int64_t pad_h, int64_t width, int64_t height, Corners<T>& c) {
+  const T poison = (u - u) + (v - v);  // 0, or NaN if u or v is NaN or infinite (two subtractions, no branch)
   const T u_lo = T(pad_w - 2), u_hi = T(pad_w + width + 1);
   const T v_lo = T(pad_h - 2), v_hi = T(pad_h + height + 1);
   u = u >= u_lo ? u : u_lo;  // NaN compares false: clamped too
@@ -157,8 +167,8 @@ DCNV3_HD void locate(T u, T v, int64_t pad_w, int64_t pad_h, int64_t width, int6
   v = v <= v_hi ? v : v_hi;
   const int32_t xf = floor_int(u);
   const int32_t yf = floor_int(v);
-  c.fx = u - static_cast<T>(xf);
-  c.fy = v - static_cast<T>(yf);
+  c.fx = (u - static_cast<T>(xf)) + poison;
+  c.fy = (v - static_cast<T>(yf)) + poison;
   c.x0 = xf - static_cast<int32_t>(pad_w);
   c.y0 = yf - static_cast<int32_t>(pad_h);
   const int32_t w = static_cast<int32_t>(width), h = static_cast<int32_t>(height);
@@ -178,7 +188,8 @@ DCNV3_HD int32_t clamp_index(int32_t i, int32_t size) {
 }
 
 // Bilinear weights of the four corners, zero for corners outside the image. (Arithmetic on the validity bits rather
-// than selects, so that the CPU location pass vectorises; fx and fy are always finite, so 0 * x is 0.)
+// than selects, so that the CPU location pass vectorises; fx and fy are finite, so 0 * x is 0, except for a
+// non-finite location, whose weights are then all NaN on purpose: see locate.)
 template <typename T>
 DCNV3_HD T flag_bit(int32_t flags, int bit) {
   return static_cast<T>((flags >> bit) & 1);

@@ -388,7 +388,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
                              int64_t group_channels, double offset_scale, int64_t remove_center,
                              bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, group, group_channels, remove_center);
+                             dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
   cpu::check_cpu(input_, "input");
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
@@ -419,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
     int64_t remove_center, bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, group, group_channels, remove_center);
+                             dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
   cpu::check_cpu(input_, "input");
   check_grad_output(grad_output_, input_, s);
   const at::Tensor grad_output = grad_output_.to(input_.scalar_type()).contiguous();

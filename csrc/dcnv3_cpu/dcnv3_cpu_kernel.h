@@ -483,6 +483,8 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
       if constexpr (CG > 0) {
         // Every point reads its four corners from clamped addresses; one branch per point: points with a corner
         // outside the image drop it bitwise (so inf/NaN at the clamped address vanishes), the rest skip that.
+        // A point at a non-finite location has NaN weights (see locate), so its sample, w * 0, is NaN; a
+        // non-finite mask reaches the output through mask * sample whatever the sample: both as in the reference.
         // (Written out twice on purpose: one loop with a per-corner select measured 2-3% slower.)
         // Each point is first sampled on its own (bilinear, as grid_sample), then added with its mask: the samples
         // are independent, so only P multiply-adds per group form a dependency chain (not 4 P), which keeps the
@@ -518,6 +520,19 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
         A* DCNV3_RESTRICT acc_g = acc + g * Cg;
         const S* image_g = image + g * Cg;
         for (int64_t j = j0 + g * P; j < j0 + (g + 1) * P; ++j) {
+          const A m = pts.m[j], w0 = pts.w[0][j];
+          if (!(m - m == A(0)) || w0 != w0) {
+            // A non-finite mask, or a non-finite location (NaN weights, see locate): m * sample as the reference
+            // forms it (corners outside the image read as zero), so that the result is NaN/inf as there, even for a
+            // point outside the image, whose corners the loop below skips.
+            for (int64_t c = 0; c < Cg; ++c) {
+              A sample = A(0);
+              for (int k = 0; k < 4; ++k)
+                sample += pts.w[k][j] * (pts.keep[k][j] ? load(image_g[pts.px[k][j] * C + c]) : A(0));
+              acc_g[c] += m * sample;
+            }
+            continue;
+          }
           for (int k = 0; k < 4; ++k) {
             if (!pts.keep[k][j]) continue;
             const A wk = pts.w[k][j] * pts.m[j];

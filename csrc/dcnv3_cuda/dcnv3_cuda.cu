@@ -153,13 +153,18 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < count; ++j) {
           const Point<A> pt = broadcast<A, TPG>(mine, j);
           const Corners<A> cr = corners_of(pt);
-          if (!cr.any_valid() || !has_channel) continue;
+          if (!has_channel) continue;
+          // A point with no corner inside the image still goes through mask * sample (sample 0), and a point at a
+          // non-finite location has NaN weights (see locate): sample starts at w - w, 0 or NaN. Non-finite masks
+          // and offsets then give non-finite outputs, as in the reference.
           A w[4];
           bilinear_weights<A>(cr, w);
-          A sample = A(0);
+          A sample = w[0] - w[0];
+          if (cr.any_valid()) {
 #pragma unroll
-          for (int k = 0; k < 4; ++k)
-            if (cr.valid(k)) sample += w[k] * static_cast<A>(image[cr.pixel(k, pr.W) * pr.C + c]);
+            for (int k = 0; k < 4; ++k)
+              if (cr.valid(k)) sample += w[k] * static_cast<A>(image[cr.pixel(k, pr.W) * pr.C + c]);
+          }
           acc += pt.m * sample;
         }
       }
@@ -200,7 +205,9 @@ __global__ void __launch_bounds__(kThreads)
         const Point<A> pt = broadcast<A, TPG>(mine, j);
         const int64_t k = point0 + p0 + j;
         const Corners<A> cr = corners_of(pt);
-        if (!cr.any_valid()) {  // uniform over the item's lanes
+        // Points outside the image have zero gradients, unless their location is not finite (NaN fx, see locate):
+        // those go on and get NaN gradients, as on the CPU. (Uniform over the item's lanes.)
+        if (!cr.any_valid() && cr.fx == cr.fx) {
           if (active && lane == 0) {
             grad_mask[k] = static_cast<S>(A(0));
             grad_offset[2 * k] = static_cast<S>(A(0));
@@ -335,7 +342,7 @@ at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset
                               int64_t group_channels, double offset_scale, int64_t remove_center,
                               bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, group, group_channels, remove_center);
+                             dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
   gpu::check_cuda(input_, "input");
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
@@ -365,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
     int64_t remove_center, bool mask_softmax) {
   const Shape s = check_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                             dilation_h, dilation_w, group, group_channels, remove_center);
+                             dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
   gpu::check_cuda(input_, "input");
   check_grad_output(grad_output_, input_, s);
   const c10::cuda::CUDAGuard guard(input_.device());

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._ops import add_op_namespace_prefix, ops
@@ -38,29 +40,75 @@ def cpu_isa(request: int = -1) -> int:
 
 
 def _output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """Output length of one spatial axis: floor((size + 2 pad - footprint) / stride) + 1 (Python floors; the C++
+    twin is `output_size` in dcnv3_common/dcnv3_math.h, internimage_hf's `dcnv3_output_size` the same rule). An
+    input smaller than the kernel footprint gives <= 0, refused by `_check_params`."""
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
-def _register(kind: str, name: str, fn, **kwargs) -> None:
-    """Register a fake impl / autograd formula once, even if this package is imported twice (it happens when one
-    build is loaded both directly and through `kernels`: the shared library, hence the op namespace, is the same)."""
-    qualname = add_op_namespace_prefix(name)
+def _check_params(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                  group_channels, offset_scale, remove_center) -> tuple[int, int]:
+    """What the C++ kernels must never see, refused with one ValueError (as internimage_hf's reference does):
+    non-positive sizes, a non-finite offset_scale, no sampling points, an empty output. Returns (H_out, W_out)."""
+    for name, value in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("stride_h", stride_h),
+                        ("stride_w", stride_w), ("dilation_h", dilation_h), ("dilation_w", dilation_w),
+                        ("group", group), ("group_channels", group_channels)):
+        if value < 1:
+            raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"DCNv3 padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
+    if not math.isfinite(offset_scale):
+        raise ValueError(f"DCNv3 offset_scale must be finite, got {offset_scale}")
+    if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
+        raise ValueError("DCNv3 remove_center needs an odd kernel size")
+    if kernel_h * kernel_w - int(bool(remove_center)) < 1:
+        raise ValueError(f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+                         "none (use a kernel of at least 3x3, or remove_center=0)")
+    h_out = _output_size(h, kernel_h, stride_h, pad_h, dilation_h)
+    w_out = _output_size(w, kernel_w, stride_w, pad_w, dilation_w)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+                         f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
+                         f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})")
+    return h_out, w_out
+
+
+def _check_input(input, *params) -> tuple[int, int]:
+    if input.dim() != 4:
+        raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
+    return _check_params(input.shape[1], input.shape[2], *params)
+
+
+# The autograd formula and fake implementations are registered once per process and op namespace. This package
+# may be executed twice for one build (internimage_hf imports it under its own module name, `kernels` under the
+# build's id): both copies are the same code on the same ops, and the second must neither override the first nor
+# warn about doing so (torch.library overrides silently or with a warning, it does not refuse).
+_DISPATCH_KEY = {"fake": "Meta", "autograd": "Autograd"}
+
+
+def _registered(qualname: str, kind: str) -> bool:
     try:
-        if kind == "fake":
-            torch.library.register_fake(qualname, fn, **kwargs)
-        else:
-            torch.library.register_autograd(qualname, fn, **kwargs)
-    except RuntimeError as err:  # already registered by an earlier import of the same build
-        if "already" not in str(err).lower():
-            raise
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, _DISPATCH_KEY[kind]))
+    except (AttributeError, RuntimeError, TypeError):  # private API gone or changed: register (at worst, an
+        # identical formula replaces an identical one)
+        return False
+
+
+def _register(kind: str, name: str, fn, **kwargs) -> None:
+    qualname = add_op_namespace_prefix(name)
+    if _registered(qualname, kind):
+        return
+    if kind == "fake":
+        torch.library.register_fake(qualname, fn, **kwargs)
+    else:
+        torch.library.register_autograd(qualname, fn, **kwargs)
 
 
 def _forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                   dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
-    n, h, w, c = input.shape
-    h_out = _output_size(h, kernel_h, stride_h, pad_h, dilation_h)
-    w_out = _output_size(w, kernel_w, stride_w, pad_w, dilation_w)
-    return input.new_empty((n, h_out, w_out, c))
+    h_out, w_out = _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                                dilation_w, group, group_channels, offset_scale, remove_center)
+    return input.new_empty((input.shape[0], h_out, w_out, input.shape[3]))
 
 
 def _backward_fake(grad_output, input, offset, mask, *params):
@@ -87,6 +135,8 @@ _register("autograd", "dcnv3_forward", _backward, setup_context=_setup_context)
 def dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                   dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False) -> torch.Tensor:
     """The registered forward op (differentiable through its registered autograd formula)."""
+    _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                 group_channels, offset_scale, remove_center)
     return ops.dcnv3_forward(input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w),
                              int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
                              int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
@@ -96,6 +146,8 @@ def dcnv3_backward(grad_output, input, offset, mask, kernel_h, kernel_w, stride_
                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
     """The registered backward op: (grad_input, grad_offset, grad_mask); grad_mask is for the logits if
     mask_softmax."""
+    _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                 group_channels, offset_scale, remove_center)
     return ops.dcnv3_backward(grad_output, input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h),
                               int(stride_w), int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
                               int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))

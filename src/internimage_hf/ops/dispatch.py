@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from .reference import dcnv3_core_reference
+from .reference import check_dcnv3_params, dcnv3_core_reference
 
 BACKEND_ENV = "INTERNIMAGE_DCNV3_BACKEND"
 BACKENDS = ("auto", "compiled", "reference")
@@ -61,7 +61,11 @@ def dcnv3_core(
     choice = resolve_backend(backend)
     if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
         op = _compiled_op(required=choice == "compiled")
-        if op is not None and op.supports(input):
+        if op is not None and op.supports(input) and input.dim() == 4:
+            # The rules no kernel may see broken (zero points, non-finite offset_scale, an empty output): one
+            # ValueError, the reference's, before any C++ runs. Shapes and dtypes the kernel checks itself.
+            check_dcnv3_params(input.shape[1], input.shape[2], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                               dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
             return op(*args)
     return dcnv3_core_reference(*args)
 

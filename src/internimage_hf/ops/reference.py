@@ -7,6 +7,8 @@ reference grid leaking into other dtypes), and corners outside the image read as
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,8 +16,65 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def dcnv3_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    """Output length of one spatial axis, as in a convolution."""
+    """Output length of one spatial axis, as in a convolution: floor((size + 2 pad - footprint) / stride) + 1.
+
+    The one Python definition of the rule (the reference, the dispatcher and the checks use it; the C++ twin is
+    `output_size` in csrc/dcnv3_common/dcnv3_math.h, the kernel package's fake implementation carries a copy).
+    Python's `//` floors, so an input smaller than the kernel footprint gives a length <= 0 (an empty output,
+    refused by `check_dcnv3_params`), never 1.
+    """
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def dcnv3_num_points(kernel_h: int, kernel_w: int, remove_center: int) -> int:
+    """Sampling points per group: kernel_h * kernel_w, less the centre with remove_center."""
+    return kernel_h * kernel_w - int(bool(remove_center))
+
+
+def check_dcnv3_params(
+    h: int,
+    w: int,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+) -> tuple[int, int, int]:
+    """The checks every backend shares, before any kernel runs: return (H_out, W_out, P) or raise ValueError.
+
+    Integer parameters >= 1 (padding >= 0), a finite offset_scale, at least one sampling point per group (a 1x1
+    kernel with remove_center has none), an odd kernel for remove_center, and a non-empty output (an input smaller
+    than the kernel footprint).
+    """
+    for name, value in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("stride_h", stride_h),
+                        ("stride_w", stride_w), ("dilation_h", dilation_h), ("dilation_w", dilation_w),
+                        ("group", group), ("group_channels", group_channels)):
+        if value < 1:
+            raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"DCNv3 padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
+    if not math.isfinite(offset_scale):
+        raise ValueError(f"DCNv3 offset_scale must be finite, got {offset_scale}")
+    if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
+        raise ValueError("DCNv3 remove_center needs an odd kernel size")
+    points = dcnv3_num_points(kernel_h, kernel_w, remove_center)
+    if points < 1:
+        raise ValueError(f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+                         "none (use a kernel of at least 3x3, or remove_center=0)")
+    h_out = dcnv3_output_size(h, kernel_h, stride_h, pad_h, dilation_h)
+    w_out = dcnv3_output_size(w, kernel_w, stride_w, pad_w, dilation_w)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+                         f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
+                         f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})")
+    return h_out, w_out, points
 
 
 def check_dcnv3_args(
@@ -33,30 +92,29 @@ def check_dcnv3_args(
     group: int,
     group_channels: int,
     remove_center: int,
+    offset_scale: float = 1.0,
 ) -> tuple[int, int, int]:
     """Validate shapes and parameters; return (H_out, W_out, P). Raises ValueError with a readable message."""
+    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"DCNv3 {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"DCNv3 {name} must be a floating-point tensor, got {t.dtype}")
     if input.dim() != 4:
         raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
-    for name, value in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("stride_h", stride_h),
-                        ("stride_w", stride_w), ("dilation_h", dilation_h), ("dilation_w", dilation_w),
-                        ("group", group), ("group_channels", group_channels)):
-        if int(value) < 1:
-            raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
-    if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"DCNv3 padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
-    if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
-        raise ValueError("DCNv3 remove_center needs an odd kernel size")
+    if offset.device != input.device or mask.device != input.device:
+        raise ValueError(f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, "
+                         f"{mask.device}")
     n, h, w, c = input.shape
+    h_out, w_out, points = check_dcnv3_params(
+        h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+        offset_scale, remove_center,
+    )
     if c != group * group_channels:
         raise ValueError(
             f"DCNv3 input has {c} channels but group * group_channels = {group} * {group_channels} = "
             f"{group * group_channels}"
         )
-    h_out = dcnv3_output_size(h, kernel_h, stride_h, pad_h, dilation_h)
-    w_out = dcnv3_output_size(w, kernel_w, stride_w, pad_w, dilation_w)
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"DCNv3 input {h}x{w} is too small for kernel/stride/padding/dilation (output {h_out}x{w_out})")
-    points = kernel_h * kernel_w - int(bool(remove_center))
     expected_offset = (n, h_out, w_out, group * points * 2)
     expected_mask = (n, h_out, w_out, group * points)
     if tuple(offset.shape) != expected_offset:
@@ -140,19 +198,23 @@ def dcnv3_core_reference(
     """
     h_out, w_out, points = check_dcnv3_args(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        group, group_channels, remove_center,
+        group, group_channels, remove_center, offset_scale,
     )
+    out_dtype = input.dtype
+    n, h, w, c = input.shape
+    if n == 0:
+        # An empty batch: an empty output, still attached to the graph (its gradients are empty zeros).
+        link = input.sum().to(out_dtype) + offset.sum().to(out_dtype) + mask.sum().to(out_dtype)
+        return input.new_zeros((0, h_out, w_out, c)) * link
     if mask_softmax:
         mask = point_softmax(mask, group)
-    out_dtype = input.dtype
     compute_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
-    n, h, w, _ = input.shape
     base_x, base_y = sampling_base(
         h, w, h_out, w_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
         offset_scale, remove_center, input.device,
     )
     h_pad, w_pad = h + 2 * pad_h, w + 2 * pad_w
-    offset = offset.to(compute_dtype).view(n, h_out, w_out, group, points, 2)
+    offset = offset.to(compute_dtype).reshape(n, h_out, w_out, group, points, 2)  # any strides
     # Normalised location in the padded image, then grid_sample's [-1, 1] convention (align_corners=False).
     loc_x = base_x.to(compute_dtype).view(1, 1, w_out, 1, points) + offset[..., 0] * offset_scale / w_pad
     loc_y = base_y.to(compute_dtype).view(1, h_out, 1, 1, points) + offset[..., 1] * offset_scale / h_pad
@@ -160,12 +222,12 @@ def dcnv3_core_reference(
     grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, h_out * w_out, points, 2)
 
     x = F.pad(input.to(compute_dtype), (0, 0, pad_w, pad_w, pad_h, pad_h))
-    value = x.view(n, h_pad, w_pad, group, group_channels).permute(0, 3, 4, 1, 2)
+    value = x.reshape(n, h_pad, w_pad, group, group_channels).permute(0, 3, 4, 1, 2)
     value = value.reshape(n * group, group_channels, h_pad, w_pad)
     sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # sampled: (N*G, Cg, Ho*Wo, P); weight every point by its mask and sum over points.
-    weights = mask.to(compute_dtype).view(n, h_out * w_out, group, points).permute(0, 2, 1, 3)
+    weights = mask.to(compute_dtype).reshape(n, h_out * w_out, group, points).permute(0, 2, 1, 3)
     # Multiply-then-sum, as the official reference does: its float32 rounding is what the fixtures hold.
     out = (sampled * weights.reshape(n * group, 1, h_out * w_out, points)).sum(-1)
-    out = out.view(n, group, group_channels, h_out, w_out).permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, -1)
+    out = out.reshape(n, group, group_channels, h_out, w_out).permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, -1)
     return out.to(out_dtype)
