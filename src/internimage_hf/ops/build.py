@@ -183,14 +183,12 @@ load(name=cfg["name"], sources=cfg["sources"], extra_cflags=cfg["cflags"], extra
 
 # Runs in a child process: import the staged package the way the loader does and run the op once.
 _SMOKE_SCRIPT = r"""
-import importlib.util, json, sys
+import sys
 import torch
 path = sys.argv[1]
-meta = json.load(open(path + "/metadata.json"))
-spec = importlib.util.spec_from_file_location(meta["id"], path + "/__init__.py")
-mod = importlib.util.module_from_spec(spec)
-sys.modules[meta["id"]] = mod
-spec.loader.exec_module(mod)
+from pathlib import Path
+from internimage_hf.ops.loader import _import_variant
+mod = _import_variant(Path(path)).module  # validated names, verified files, namespaced module name
 x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
 off = torch.randn(2, 5, 6, 2 * 9 * 2, dtype=torch.float64, requires_grad=True)
 m = torch.rand(2, 5, 6, 2 * 9, dtype=torch.float64, requires_grad=True)
@@ -246,6 +244,16 @@ def _write_package(src: Path, dest: Path, ext_name: str, meta: dict) -> None:
     (dest / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def _record_files(package: Path, meta: dict) -> None:
+    """Record the size and SHA-256 of every file of the package (the library included) in its metadata.json: the
+    loader checks them before importing anything (a truncated library would crash the process on first use)."""
+    from .loader import file_record
+
+    meta["internimage_hf"]["files"] = {p.name: file_record(p) for p in sorted(package.iterdir())
+                                       if p.is_file() and p.name != "metadata.json"}
+    (package / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None = None, verbose: bool = False,
                   force: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
     """Compile the DCNv3 kernels into the cache; returns the variant folder (`<cache>/build/<variant>`).
@@ -275,8 +283,12 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
         if not force and final.is_dir():
             try:
                 record = read_metadata(final).get("internimage_hf", {})
+                from .loader import build_record, verify_build
+
+                _, record = build_record(final)
+                verify_build(final, record)  # every file as the build wrote it (else: rebuild)
                 if (record.get("source_digest") == digest and record.get("torch") == torch.__version__
-                        and record.get("backends") == backends and any(final.glob(f"{record['ext_name']}*"))):
+                        and record.get("backends") == backends):
                     report("reuse", 0.0)
                     return final
             except Exception:  # unreadable or foreign folder: rebuild it
@@ -329,6 +341,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
             package = staging / variant
             _write_package(src, package, ext_name, meta)
             shutil.copy2(libs[0], package / libs[0].name)
+            _record_files(package, meta)
             report("smoke-test", 0.0)
             _run([sys.executable, "-c", _SMOKE_SCRIPT, str(package)], False, "smoke test", log)
             report("install", 0.0)

@@ -13,8 +13,10 @@ Order:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 import sys
 import threading
 import warnings
@@ -43,12 +45,98 @@ _STATE = _State()
 _LOCK = threading.Lock()
 
 
-def _import_variant(path: Path) -> CompiledDCNv3:
-    """Import a built variant folder as a package named by its metadata id (reusing an earlier import)."""
+# Module names read from disk (a build's metadata id) are validated and then namespaced under this prefix, so that
+# no metadata file can name (and replace) a module such as `os`, and so that our import of a build never takes the
+# name `kernels` gives the same build (its metadata id): both can load it in one process.
+MODULE_PREFIX = "_internimage_hf_dcnv3_build_"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
+_LIB_SUFFIXES = (".so", ".pyd")
+
+
+class KernelCacheError(RuntimeError):
+    """A local kernel build is unusable (malformed metadata, a missing or modified file); the message says why."""
+
+
+def _safe_name(value, what: str, path: Path) -> str:
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+        raise KernelCacheError(f"{path / 'metadata.json'} has an invalid {what} {value!r} (letters, digits and _ "
+                               "only)")
+    return value
+
+
+def build_record(path: Path) -> tuple[dict, dict]:
+    """(metadata, our build record) of a variant folder, with every name that later becomes a module or file name
+    validated. Raises KernelCacheError (or OSError / ValueError for an unreadable file)."""
     from .build import read_metadata
 
     meta = read_metadata(path)
-    name = str(meta["id"])
+    _safe_name(meta.get("id"), "id", path)
+    record = meta.get("internimage_hf")
+    if not isinstance(record, dict):
+        raise KernelCacheError(f"{path / 'metadata.json'} has no internimage_hf build record")
+    _safe_name(record.get("ext_name"), "ext_name", path)
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise KernelCacheError(f"{path} was built without a file integrity record (an older internimage_hf)")
+    for name, entry in files.items():
+        if (not isinstance(name, str) or name != Path(name).name or name in {"", ".", ".."} or not isinstance(entry, dict)
+                or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str)):
+            raise KernelCacheError(f"{path / 'metadata.json'} has a malformed file record {name!r}")
+    return meta, record
+
+
+def file_record(path: Path) -> dict:
+    """{"size", "sha256"} of one file (what `build_kernels` records and `verify_build` checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+_VERIFIED: dict[tuple, bool] = {}  # (file, size, mtime, inode) -> checked: each file is hashed once per process
+
+
+def verify_build(path: Path, record: dict) -> None:
+    """Check every file of the build against the sizes and SHA-256 digests recorded at build time, before anything is
+    imported or mapped (a truncated library would otherwise crash the process with SIGBUS on first use), and that
+    the one library Python will import for the extension is the recorded one. Raises KernelCacheError."""
+    ext_name = record["ext_name"]
+    libs = sorted(p.name for p in path.iterdir() if p.name.split(".")[0] == ext_name and p.suffix in _LIB_SUFFIXES)
+    recorded_libs = sorted(n for n in record["files"] if n.split(".")[0] == ext_name)
+    if not libs:
+        raise KernelCacheError(f"the kernel library {ext_name}.* is missing from {path}")
+    if libs != recorded_libs or len(libs) != 1:
+        raise KernelCacheError(f"{path} holds kernel libraries {libs}, the build recorded {recorded_libs}")
+    for name, entry in record["files"].items():
+        file = path / name
+        try:
+            st = file.stat()
+        except OSError as err:
+            raise KernelCacheError(f"{file} is missing ({type(err).__name__})") from err
+        key = (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if _VERIFIED.get(key):
+            continue
+        if st.st_size != entry["size"]:
+            raise KernelCacheError(f"{file} has {st.st_size} bytes, the build wrote {entry['size']} (truncated or "
+                                   "modified)")
+        if file_record(file)["sha256"] != entry["sha256"]:
+            raise KernelCacheError(f"{file} differs from the file the build wrote (SHA-256 mismatch: corrupt or "
+                                   "modified)")
+        _VERIFIED[key] = True
+
+
+def module_name(meta: dict) -> str:
+    """The module name our loader gives a build: its validated metadata id, under our own prefix."""
+    return MODULE_PREFIX + meta["id"]
+
+
+def _import_variant(path: Path) -> CompiledDCNv3:
+    """Import a built variant folder (validated and verified first) as a package under our namespaced module name,
+    reusing an earlier import of the same folder."""
+    meta, record = build_record(path)
+    verify_build(path, record)
+    name = module_name(meta)
     module = sys.modules.get(name)
     if module is None or Path(getattr(module, "__file__", "") or "").resolve().parent != path.resolve():
         spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
@@ -60,7 +148,8 @@ def _import_variant(path: Path) -> CompiledDCNv3:
         try:
             spec.loader.exec_module(module)
         except BaseException:
-            sys.modules.pop(name, None)
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                sys.modules.pop(key, None)
             raise
     return CompiledDCNv3(module, source=f"local build {path}", path=path)
 
@@ -78,7 +167,7 @@ def _local_candidates(root: Path) -> list[Path]:
 def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
     import torch
 
-    from .build import default_cache_dir, read_metadata, source_digest, source_dir
+    from .build import default_cache_dir, source_digest, source_dir
 
     root = default_cache_dir()
     candidates = [p for p in _local_candidates(root) if p.is_dir()]
@@ -89,7 +178,7 @@ def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
     digest = source_digest(src) if src is not None else None
     for path in candidates:
         try:
-            record = read_metadata(path).get("internimage_hf", {})
+            _, record = build_record(path)
             if record.get("torch") != torch.__version__:
                 problems.append(f"the kernel build in {path} is for torch {record.get('torch')}, not "
                                 f"{torch.__version__}")
@@ -191,4 +280,4 @@ def _reset() -> None:
         _STATE.warned = False
 
 
-__all__ = ["DCNv3KernelWarning", "get_compiled_op", "kernel_status"]
+__all__ = ["DCNv3KernelWarning", "KernelCacheError", "get_compiled_op", "kernel_status"]
