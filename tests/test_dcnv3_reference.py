@@ -20,7 +20,7 @@ def op_cases(fixtures_dir):
             f"case{i}.output"]
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
                                         (torch.float16, 5e-3)])
 def test_official_op_cases(fixtures_dir, dtype, tol):
     for i, x, offset, mask, args, expected in op_cases(fixtures_dir):
@@ -29,10 +29,15 @@ def test_official_op_cases(fixtures_dir, dtype, tol):
         assert rel_err(out, expected) < tol, f"case {i}"
 
 
-def test_dispatcher_reference_backend_matches(fixtures_dir):
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_dispatcher_backends_match_official_float64(request, fixtures_dir, backend):
+    """The official operator cases (float64) through the dispatcher, on both DCNv3 backends."""
+    if backend == "compiled":
+        request.getfixturevalue("use_kernel")
     for i, x, offset, mask, args, expected in op_cases(fixtures_dir):
-        out = dcnv3_core(x, offset, mask, *args, backend="reference")
-        assert rel_err(out, expected) < 1e-10
+        out = dcnv3_core(x, offset, mask, *args, backend=backend)
+        assert out.dtype == torch.float64
+        assert rel_err(out, expected) < 1e-12, f"case {i}: {rel_err(out, expected):.3g}"
 
 
 def random_case(n=2, h=5, w=6, group=2, group_channels=3, k=3, stride=1, pad=1, dilation=1, remove_center=0,
