@@ -23,10 +23,11 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-try:  # transformers >= 5.5
-    from transformers.backbone_utils import BackboneMixin
-except ImportError:  # pragma: no cover
-    from transformers.utils.backbone_utils import BackboneMixin
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internimage import InternImageConfig
 from .ops import DCNv3Core
@@ -473,17 +474,20 @@ class InternImageLevel(nn.Module):
         if index < config.num_stages - 1:
             self.downsample = InternImageConvNorm(channels, 2 * channels, 3, stride=2, bias=False, eps=eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (level output before downsampling, input of the next level), both channels-last."""
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The level's output before downsampling; channels-first in and out (views of channels-last memory).
+
+        Taking and returning the channels-first tensors the model reports as hidden states keeps those tensors on
+        the computation path (gradients reach them, output hooks see them); the permutes are free views.
+        """
+        hidden_states = to_channels_last(hidden_states)
         for i, layer in enumerate(self.layers):
             hidden_states = layer(hidden_states)
             if self.post_norms is not None and i in self.post_norm_ids:
                 hidden_states = self.post_norms[self.post_norm_ids.index(i)](hidden_states)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        if self.downsample is None:
-            return hidden_states, hidden_states
-        return hidden_states, self.downsample(to_channels_first(hidden_states))
+        return to_channels_first(hidden_states)
 
 
 class InternImageEncoder(nn.Module):
@@ -497,11 +501,16 @@ class InternImageEncoder(nn.Module):
             start += depth
 
     def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """Per-level outputs before downsampling, channels-last."""
+        """Per-level outputs before downsampling, channels-first; each is the tensor the next step consumes.
+
+        A level's downsampling belongs to that level (official weight names) but runs here, after its output.
+        """
         outputs = []
         for level in self.levels:
-            level_output, hidden_states = level(hidden_states)
-            outputs.append(level_output)
+            hidden_states = level(hidden_states)
+            outputs.append(hidden_states)
+            if level.downsample is not None:
+                hidden_states = to_channels_first(level.downsample(hidden_states))
         return outputs
 
 
@@ -516,7 +525,7 @@ class InternImageConvPooler(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, level_outputs: list[torch.Tensor]) -> torch.Tensor:
-        x = self.act(self.norm(self.conv(to_channels_first(level_outputs[-1]))))
+        x = self.act(self.norm(self.conv(level_outputs[-1])))
         return x.mean(dim=(-2, -1))
 
 
@@ -566,8 +575,8 @@ class InternImageAttentionPooler(nn.Module):
         self.norm = nn.LayerNorm(config.projector_out_dim, eps=config.layer_norm_eps)
 
     def forward(self, level_outputs: list[torch.Tensor]) -> torch.Tensor:
-        stage4 = self.upsample(self.stage4_proj(to_channels_first(level_outputs[-1])))
-        stage3 = self.stage3_proj(to_channels_first(level_outputs[-2]))
+        stage4 = self.upsample(self.stage4_proj(level_outputs[-1]))
+        stage3 = self.stage3_proj(level_outputs[-2])
         if stage4.shape[-2:] != stage3.shape[-2:]:
             raise ValueError(
                 f"InternImage-H/G need stage 3 to be exactly twice stage 4 (input sides that are multiples of 32); "
@@ -584,6 +593,7 @@ class InternImagePreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternImageLayer"]
+    _can_record_outputs = {"hidden_states": InternImageLevel}  # plus the first level's input: the stem output
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -634,8 +644,8 @@ class InternImagePreTrainedModel(PreTrainedModel):
         config, kwargs = repo.config(cls.config_class, kwargs)
         return super().from_pretrained(None, *model_args, config=config, state_dict=repo.state_dict(), **kwargs)
 
-    def _trunk(self, pixel_values, output_hidden_states, return_dict, pooled: bool):
-        """Validate the input, resolve the output flags, run stem and levels (per-level outputs, channels-last)."""
+    def _stages(self, pixel_values: torch.Tensor | None, pooled: bool) -> list[torch.Tensor]:
+        """Validate the input, run stem and levels: [stem output, level 1, ..., level 4], each NCHW."""
         self._check_pixel_values(pixel_values)
         if pooled and self.config.use_clip_projector:
             height, width = pixel_values.shape[-2:]
@@ -644,12 +654,8 @@ class InternImagePreTrainedModel(PreTrainedModel):
                     f"InternImage-H/G classify images whose sides are multiples of 32; got {height}x{width}. "
                     f"Resize or crop (e.g. to {self.config.image_size}x{self.config.image_size})."
                 )
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        embedding_output = self.embeddings(pixel_values)
-        return embedding_output, self.encoder(embedding_output), output_hidden_states, return_dict
+        embedding_output = to_channels_first(self.embeddings(pixel_values))
+        return [embedding_output] + self.encoder(embedding_output)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> None:
         """Turn the mistakes users make into one readable sentence instead of a shape error deep inside."""
@@ -677,10 +683,6 @@ class InternImagePreTrainedModel(PreTrainedModel):
                              f"{height}x{width}")
 
 
-def _channels_first(level_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [to_channels_first(x) for x in level_outputs]
-
-
 class InternImageModel(InternImagePreTrainedModel):
     """Trunk plus the variant's pooling head: `pooler_output` is the embedding the classifier reads."""
 
@@ -691,25 +693,15 @@ class InternImageModel(InternImagePreTrainedModel):
         self.pooler = InternImageAttentionPooler(config) if config.use_clip_projector else InternImageConvPooler(config)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
-        embedding_output, level_outputs, output_hidden_states, return_dict = self._trunk(
-            pixel_values, output_hidden_states, return_dict, pooled=True
-        )
-        pooled = self.pooler(level_outputs)
-        last_hidden_state = to_channels_first(level_outputs[-1])
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = tuple([to_channels_first(embedding_output)] + _channels_first(level_outputs))
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled, hidden_states) if v is not None)
+        self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
+        # hidden_states (stem output, then each level's output; NCHW) are captured by hooks on the levels.
+        level_outputs = self._stages(pixel_values, pooled=True)[1:]
         return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=hidden_states
+            last_hidden_state=level_outputs[-1], pooler_output=self.pooler(level_outputs)
         )
 
 
@@ -727,23 +719,18 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.internimage(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutputWithNoAttention:
+        outputs: BaseModelOutputWithPoolingAndNoAttention = self.internimage(pixel_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -751,6 +738,8 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
     """Multi-scale features for detection/segmentation necks: each level's output before downsampling, NCHW."""
 
     has_attentions = False
+    # A classification checkpoint's pooling head and classifier are not part of the backbone: expected, not reported.
+    _keys_to_ignore_on_load_unexpected = [r"^(internimage\.)?pooler\.", r"^classifier\."]
 
     def __init__(self, config: InternImageConfig):
         super().__init__(config)
@@ -759,22 +748,14 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
         self.num_features = [config.channels] + config.hidden_sizes
         self.post_init()
 
+    @can_return_tuple
+    @filter_output_hidden_states
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
-        embedding_output, level_outputs, output_hidden_states, return_dict = self._trunk(
-            pixel_values, output_hidden_states, return_dict, pooled=False
-        )
-        stages = [to_channels_first(embedding_output)] + _channels_first(level_outputs)
+        self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BackboneOutput:
+        stages = self._stages(pixel_values, pooled=False)
         feature_maps = tuple(x for name, x in zip(self.stage_names, stages) if name in self.out_features)
-        hidden_states = tuple(stages) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden_states,) if hidden_states is not None else ())
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(stages), attentions=None)
 
 
 __all__ = [
