@@ -179,7 +179,8 @@ def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str = "checkpo
         if tensor.device.type != "meta":
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
-                kinds = " and ".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(tensor).any()))
+                found = (("NaN", torch.isnan), ("Inf", torch.isinf))
+                kinds = " and ".join(name for name, test in found if bool(test(tensor).any()))
                 raise ConversionError(f"{where} holds {bad} {kinds} value{'s' if bad > 1 else ''} (of "
                                       f"{tensor.numel()}); refusing to convert broken weights")
 
@@ -233,8 +234,9 @@ def read_official_config(path: str | os.PathLike) -> InternImageConfig:
     except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
     if not isinstance(kwargs, dict):
-        raise ConversionError(f"{path} holds a JSON {type(kwargs).__name__}; it must be a JSON object of official "
-                              f"InternImage(...) keyword arguments")
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(kwargs), "null")
+        raise ConversionError(f"{path} holds a JSON {kind}; it must be a JSON object of official InternImage(...) "
+                              f"keyword arguments")
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype"):
         kwargs.pop(key, None)
     try:

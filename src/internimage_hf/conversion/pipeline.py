@@ -1,8 +1,9 @@
 """Official checkpoint -> verified, documented `save_pretrained` folder.
 
-Steps: read the source (local file or folder, or an explicit `hf://` Hub reference; hashed; every tensor checked), rename keys (the one mapping in `internimage_hf.convert`),
-plan (detect the variant, pick config, labels, resolution, release), build the model strictly (on the meta device,
-tensors assigned, no second copy), verify against expected outputs when given, render the card, save atomically.
+Steps: read the source (local file or folder, or an explicit `hf://` Hub reference; hashed; every tensor checked),
+rename keys (the one mapping in `internimage_hf.convert`), plan (detect the variant, pick config, labels,
+resolution, release), build the model strictly (on the meta device, tensors assigned, no second copy), verify
+against expected outputs when given, render the card, save atomically.
 `plan_conversion` needs shapes only, so it runs on meta-device state dicts of the real sizes.
 """
 
@@ -434,10 +435,10 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:  # fail before the (possibly long) load
         raise ConversionError(f"{output_dir} already exists; choose another folder or pass --overwrite")
+    config = read_official_config(official_config) if official_config else None  # before a long read
     step("read")
     state_dict, source_config, source_info = read_source(source, trust_pickle=trust_pickle, use_ema=use_ema,
                                                          revision=revision)
-    config = read_official_config(official_config) if official_config else None
     converted = convert_official_state_dict(state_dict)
     del state_dict
     step("detect")
