@@ -410,7 +410,7 @@ BAD_CONFIGS = {
     "invalid": ('{"channels": 16,', "is not a readable JSON file"),
     "not-utf8": (b"\xff\xfe{}", "is not a readable JSON file"),
     "wrong-type": ('{"depths": "abc"}', "is not a valid InternImage configuration"),
-    "wrong-value": ('{"channels": -3}', "channels: must be positive"),
+    "wrong-value": ('{"channels": -3}', "got -3"),
 }
 
 
