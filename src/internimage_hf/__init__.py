@@ -101,10 +101,10 @@ def _launched_as_command() -> bool:
 
     Both are exact: the console script is the `__main__` file named `internimage-hf`, and `-m internimage_hf` is in
     the interpreter's own command line. Any other program importing the package gets the eager import."""
-    main = sys.modules.get("__main__")
-    script = Path(getattr(main, "__file__", None) or "").name.lower()
-    if script.removesuffix(".exe").removesuffix("-script.py") == "internimage-hf":
-        return True
+    main = Path(getattr(sys.modules.get("__main__"), "__file__", None) or "")
+    for name in (main.name, main.parent.name):  # bin/internimage-hf, or Windows' internimage-hf.exe/__main__.py
+        if name.lower().removesuffix(".exe").removesuffix("-script.py") == "internimage-hf":
+            return True
     argv = list(getattr(sys, "orig_argv", []))
     return any(a == "-m" and b in ("internimage_hf", "internimage_hf.cli") for a, b in itertools.pairwise(argv))
 
