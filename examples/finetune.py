@@ -37,7 +37,6 @@ from internimage_hf.training import (
     model_presets,
 )
 
-
 # transformers 5.23 renamed TrainingArguments.gradient_checkpointing (now a deprecated alias) to
 # activation_checkpointing; use whichever this version has.
 CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__

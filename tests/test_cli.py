@@ -46,8 +46,8 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
 def test_help_answers_quickly_without_torch(command):
     script = console_script()
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PROBE, str(script), *command, "--help"], capture_output=True, check=False,
-                            text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", PROBE, str(script), *command, "--help"], capture_output=True,
+                            text=True, timeout=60, check=False)
     wall = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -87,7 +87,8 @@ print("registered", "internimage" in CONFIG_MAPPING and internimage_hf._loaded)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert "deferred True" in result.stdout and "registered True" in result.stdout, result.stderr[-2000:]
-    eager_code = "import internimage_hf\nfrom transformers import CONFIG_MAPPING\nprint('registered', 'internimage' in CONFIG_MAPPING)"
+    eager_code = ("import internimage_hf\nfrom transformers import CONFIG_MAPPING\n"
+                  "print('registered', 'internimage' in CONFIG_MAPPING)")
     eager = subprocess.run([sys.executable, "-c", eager_code],
                            capture_output=True, text=True, timeout=120, check=False)
     assert "registered True" in eager.stdout, eager.stderr[-2000:]

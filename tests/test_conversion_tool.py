@@ -15,13 +15,17 @@ from safetensors.torch import load_file, save_file
 import internimage_hf  # noqa: F401  (registers the Auto classes)
 from internimage_hf import VARIANTS, InternImageConfig, InternImageForImageClassification
 from internimage_hf.cli import main as cli_main
-from internimage_hf.convert import (ConversionError, convert_official_state_dict, load_weights_folder,
-                                    rename_official_key)
 from internimage_hf.conversion.batch import convert_all, summary_table
 from internimage_hf.conversion.card import render_card
 from internimage_hf.conversion.detect import architecture_from_state_dict, match_variant
-from internimage_hf.conversion.pipeline import (SourceInfo, Verification, card_facts, plan_conversion)
-from internimage_hf.conversion.releases import (RELEASES, RELEASES_BY_NAME, load_manifest, manifest_text)
+from internimage_hf.conversion.pipeline import SourceInfo, Verification, card_facts, plan_conversion
+from internimage_hf.conversion.releases import RELEASES, RELEASES_BY_NAME, load_manifest, manifest_text
+from internimage_hf.convert import (
+    ConversionError,
+    convert_official_state_dict,
+    load_weights_folder,
+    rename_official_key,
+)
 from internimage_hf.labels import imagenet_labels
 
 from .conftest import REPO, rel_err

@@ -436,7 +436,7 @@ class OfficialRepo:
         return "num_classes" in config or any("modeling_internimage" in str(v) for v in auto_map.values())
 
     @classmethod
-    def detect(cls, name_or_path, kwargs: dict) -> "OfficialRepo | None":
+    def detect(cls, name_or_path, kwargs: dict) -> OfficialRepo | None:
         """The repo if `name_or_path` holds an OpenGVLab-format config, else None (cheap: reads config.json only)."""
         hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
         local = Path(str(name_or_path)) / hub.get("subfolder", "")

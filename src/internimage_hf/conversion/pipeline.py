@@ -402,7 +402,7 @@ def card_facts(plan: ConversionPlan, source: SourceInfo, verification: Verificat
         base_model=base_model if base_model is not None else default_base_model(plan.release, model_id),
         num_tensors=verification.num_tensors,
         verification=verification.sentence(),
-        date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        date=datetime.datetime.now(datetime.UTC).date().isoformat(),
         versions=_versions(),
     )
 
