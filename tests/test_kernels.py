@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from internimage_hf.ops import dcnv3_core, dcnv3_core_reference
-from internimage_hf.ops import loader
+from internimage_hf.ops import dcnv3_core, dcnv3_core_reference, loader
 from internimage_hf.ops.build import build_kernels, default_cache_dir, read_metadata, source_dir, torch_variant
 from internimage_hf.ops.compiled import DCNv3KernelWarning
 
@@ -387,9 +386,9 @@ def test_hub_layer_contract(kernel):
     layer_cls = kernel.layers.DCNv3Core
     assert "__init__" not in vars(layer_cls)
     assert layer_cls.has_backward is True and layer_cls.can_torch_compile is True
-    from internimage_hf.ops import DCNv3Core
-
     import inspect
+
+    from internimage_hf.ops import DCNv3Core
 
     assert list(inspect.signature(layer_cls.forward).parameters) == list(
         inspect.signature(DCNv3Core.forward).parameters)
@@ -435,6 +434,52 @@ def test_get_local_kernel_loads_the_build(kernel_dir):
     x, offset, mask, args = make_case(dtype=torch.float32)
     assert rel_err(module.dcnv3_core(x, offset, mask, *args), dcnv3_core_reference(x, offset, mask, *args)) < 1e-6
     assert module.layers.DCNv3Core.has_backward
+
+
+def test_get_local_kernel_after_a_forward_in_a_fresh_process(kernel_dir):
+    """A model forward loads the build through our loader first; `kernels` must still load it afterwards (kernels
+    0.19 refused a build whose metadata id was already in sys.modules), both loads must agree, and executing the
+    package twice must neither re-register nor override the autograd formula and fake implementation."""
+    pytest.importorskip("kernels")
+    script = textwrap.dedent("""
+        import sys, warnings
+        from pathlib import Path
+        import torch
+        import internimage_hf, kernels
+        from internimage_hf.ops import dcnv3_core_reference, loader
+        warnings.simplefilter("error")  # an "Overriding a previously registered kernel" warning fails the test
+        config = internimage_hf.InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8],
+                                                  num_labels=3)
+        model = internimage_hf.InternImageForImageClassification(config).eval()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        ours = loader.get_compiled_op(required=True).module
+        theirs = kernels.get_local_kernel(Path(sys.argv[1]), backend="cpu")
+        assert ours is not theirs and ours.__name__ != theirs.__name__, (ours.__name__, theirs.__name__)
+        assert ours.__name__.startswith(loader.MODULE_PREFIX) and sys.modules[theirs.__name__] is theirs
+        assert ours.functional.ops is theirs.functional.ops  # one op namespace: the same compiled library
+        x = torch.randn(2, 5, 6, 8, dtype=torch.float64, requires_grad=True)
+        off = torch.randn(2, 5, 6, 36, dtype=torch.float64, requires_grad=True)
+        m = torch.rand(2, 5, 6, 18, dtype=torch.float64, requires_grad=True)
+        args = (3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
+        grads = []
+        for fn in (ours.dcnv3_core, theirs.dcnv3_core, dcnv3_core_reference):
+            out = fn(x, off, m, *args)
+            grads.append([out.detach()] + list(torch.autograd.grad(out.square().sum(), (x, off, m))))
+        for a, b, c in zip(*grads):
+            assert torch.equal(a, b) and torch.allclose(a, c, rtol=1e-12, atol=1e-12)
+        compiled = torch.compile(theirs.dcnv3_core, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x, off, m, *args), grads[0][0])
+        assert kernels.get_local_kernel(Path(sys.argv[1]), backend="cpu") is theirs  # and again: reused
+        print("OK")
+    """)
+    env = dict(os.environ, INTERNIMAGE_HF_KERNEL_CACHE=str(kernel_dir.parents[1]), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("INTERNIMAGE_DCNV3_BACKEND", None)
+    env.pop("INTERNIMAGE_DCNV3_KERNEL_REPO", None)
+    proc = subprocess.run([sys.executable, "-c", script, str(kernel_dir.parents[1])], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_kernelize_swaps_the_layer_into_a_model(kernel_dir, monkeypatch):

@@ -79,6 +79,12 @@ def _check_input(input, *params) -> tuple[int, int]:
     return _check_params(input.shape[1], input.shape[2], *params)
 
 
+def _check_devices(input, offset, mask) -> None:
+    if offset.device != input.device or mask.device != input.device:
+        raise ValueError(f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, "
+                         f"{mask.device}")
+
+
 # The autograd formula and fake implementations are registered once per process and op namespace. This package
 # may be executed twice for one build (internimage_hf imports it under its own module name, `kernels` under the
 # build's id): both copies are the same code on the same ops, and the second must neither override the first nor
@@ -137,6 +143,7 @@ def dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, p
     """The registered forward op (differentiable through its registered autograd formula)."""
     _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                  group_channels, offset_scale, remove_center)
+    _check_devices(input, offset, mask)
     return ops.dcnv3_forward(input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w),
                              int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
                              int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
@@ -148,6 +155,7 @@ def dcnv3_backward(grad_output, input, offset, mask, kernel_h, kernel_w, stride_
     mask_softmax."""
     _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                  group_channels, offset_scale, remove_center)
+    _check_devices(input, offset, mask)
     return ops.dcnv3_backward(grad_output, input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h),
                               int(stride_w), int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
                               int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))

@@ -2,11 +2,13 @@
 
 Layout written (a valid `kernels.get_local_kernel` repository):
 
-    <cache>/build/<variant>/__init__.py, functional.py, layers.py   the Python package (csrc/torch-ext/internimage_dcnv3)
+    <cache>/build/<variant>/__init__.py, functional.py, layers.py   the Python package (csrc/torch-ext/
+                                                                     internimage_dcnv3)
                             _ops.py                                  the op namespace of this build
                             _internimage_dcnv3_<tag>.so              the compiled ops
                             metadata.json                            id, name, version, license, python-depends,
-                                                                     backend, and our own build record
+                                                                     backend, and our own build record (with the
+                                                                     size and SHA-256 of every file)
 
 <cache> is $INTERNIMAGE_HF_KERNEL_CACHE or ~/.cache/internimage_hf/kernels; <variant> is
 `torch{MAJ}{MIN}-cxx11-cpu-x86_64-linux` (CPU torch) or `torch{MAJ}{MIN}-cxx11-cu{XY}-x86_64-linux` (CUDA torch; such a
@@ -335,7 +337,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
                     "torch": torch.__version__,
                     "cuda": torch.version.cuda if with_cuda else None,
                     "backends": backends,
-                    "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 },
             }
             package = staging / variant

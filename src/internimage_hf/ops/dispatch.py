@@ -61,7 +61,8 @@ def dcnv3_core(
     choice = resolve_backend(backend)
     if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
         op = _compiled_op(required=choice == "compiled")
-        if op is not None and op.supports(input) and input.dim() == 4:
+        if (op is not None and op.supports(input) and input.dim() == 4 and offset.device == input.device
+                and mask.device == input.device):
             # The rules no kernel may see broken (zero points, non-finite offset_scale, an empty output): one
             # ValueError, the reference's, before any C++ runs. Shapes and dtypes the kernel checks itself.
             check_dcnv3_params(input.shape[1], input.shape[2], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,

@@ -79,8 +79,9 @@ def build_record(path: Path) -> tuple[dict, dict]:
     if not isinstance(files, dict) or not files:
         raise KernelCacheError(f"{path} was built without a file integrity record (an older internimage_hf)")
     for name, entry in files.items():
-        if (not isinstance(name, str) or name != Path(name).name or name in {"", ".", ".."} or not isinstance(entry, dict)
-                or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str)):
+        if (not isinstance(name, str) or name != Path(name).name or name in {"", ".", ".."}
+                or not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("sha256"), str)):
             raise KernelCacheError(f"{path / 'metadata.json'} has a malformed file record {name!r}")
     return meta, record
 

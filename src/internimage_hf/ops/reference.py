@@ -98,8 +98,10 @@ def check_dcnv3_args(
     for name, t in (("input", input), ("offset", offset), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"DCNv3 {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"DCNv3 {name} must be a floating-point tensor, got {t.dtype}")
+        if t.is_complex():
+            raise TypeError(f"DCNv3 {name} must be real, got {t.dtype}")
+    if not input.is_floating_point():  # (offset and mask are cast to the compute dtype, as the compiled op does)
+        raise TypeError(f"DCNv3 input must be a floating-point tensor, got {input.dtype}")
     if input.dim() != 4:
         raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
     if offset.device != input.device or mask.device != input.device:
@@ -157,8 +159,9 @@ def sampling_base(
     """
     f32 = torch.float32
     h_pad, w_pad = h + 2 * pad_h, w + 2 * pad_w
-    ref_x = (torch.arange(w_out, device=device, dtype=f32) * stride_w + ((dilation_w * (kernel_w - 1)) // 2 + 0.5)) / w_pad
-    ref_y = (torch.arange(h_out, device=device, dtype=f32) * stride_h + ((dilation_h * (kernel_h - 1)) // 2 + 0.5)) / h_pad
+    half_w, half_h = (dilation_w * (kernel_w - 1)) // 2 + 0.5, (dilation_h * (kernel_h - 1)) // 2 + 0.5
+    ref_x = (torch.arange(w_out, device=device, dtype=f32) * stride_w + half_w) / w_pad
+    ref_y = (torch.arange(h_out, device=device, dtype=f32) * stride_h + half_h) / h_pad
     gx = torch.arange(kernel_w, device=device, dtype=f32) * dilation_w - (dilation_w * (kernel_w - 1)) // 2
     gy = torch.arange(kernel_h, device=device, dtype=f32) * dilation_h - (dilation_h * (kernel_h - 1)) // 2
     gx = (gx / w_pad).repeat_interleave(kernel_h)  # point p = i * kernel_h + j has dx = gx[i]
