@@ -7,8 +7,8 @@ Inside every level tensors are channels-last (N, H, W, C), as in the official co
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,6 @@ from .ops import DCNv3Core
 
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_ONEDNN_REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-_ONEDNN_CONV = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-_ONEDNN_CONV_REORDER = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_convolution_weight", None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,41 +68,40 @@ def _tracing() -> bool:
     return bool(_JIT_TRACING() or _COMPILING() or _EXPORTING() or _onnx_exporting()())
 
 
-_FAST_PATHS = True
-# Inference keeps a oneDNN-packed (and, under bf16 autocast, bf16) copy of every Linear weight (2-5% faster) and of
-# every convolution weight as the call needs it (oneDNN-reordered for dense convolutions, reordered once for the
-# first input's shape and reused for any other; channels-last for depthwise ones on channels-last activations: up to
-# 30% at batch 1), at the cost of a second copy of those weights in memory. Set to False to trade the speed for the
-# memory. The copies follow every change autograd sees (in-place updates, replaced parameters, load_state_dict,
-# .to()); edits through `.data` are hidden from it: call `model.eval()` (or `model.train()`) after them, which drops
-# the copies.
-PACK_WEIGHTS = True
+# Whether this context runs the CPU fast paths (oneDNN linear with fused GELU, the mask softmax fused into the DCNv3
+# op). Context-local (each thread and asyncio task has its own), so `fast_paths(False)` in one thread never changes
+# what another computes.
+_FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("internimage_hf_fast_paths", default=True)
+
+
+def _fast_paths_enabled() -> bool:
+    # torch.compile does not trace ContextVar reads; it gets the default (its graphs use plain ops anyway).
+    return _COMPILING() or _FAST_PATHS.get()
 
 
 @contextlib.contextmanager
 def fast_paths(enabled: bool):
-    """Turn the fast paths (oneDNN linear + fused GELU, fused mask softmax, cached weights) on or off.
+    """Turn the CPU fast paths (oneDNN linear + fused GELU, fused mask softmax) on or off in this thread/context.
 
     Off, every layer runs the plain PyTorch ops the official implementation uses (for benchmarks and debugging);
-    results agree to float32 rounding either way.
+    results agree to float32 rounding either way. Other threads are unaffected; leaving the block (also by an
+    exception) restores the previous setting.
     """
-    global _FAST_PATHS
-    previous, _FAST_PATHS = _FAST_PATHS, bool(enabled)
+    token = _FAST_PATHS.set(bool(enabled))
     try:
         yield
     finally:
-        _FAST_PATHS = previous
+        _FAST_PATHS.reset(token)
 
 
 def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear.
 
     On CPU, oneDNN's linear (the kernel torch.compile uses) is 2-3x faster than eager addmm (MKL) for InternImage's
-    shapes, and can fuse the MLP's GELU. Under bfloat16 autocast, inference runs it in bfloat16 on a cached bfloat16
-    copy of the weight: autocast itself casts every weight on every call outside training (its cast cache serves
-    autograd only). Training under autocast, tracing and export keep F.linear.
+    shapes, and can fuse the MLP's GELU. Under bfloat16 autocast, inference runs it in bfloat16 (on CPUs with native
+    bf16). Training under autocast, tracing and export keep F.linear.
     """
-    if not _FAST_PATHS or _ONEDNN_LINEAR is None or _ONEDNN_REORDER is None or x.device.type != "cpu" or _tracing():
+    if _ONEDNN_LINEAR is None or x.device.type != "cpu" or _tracing() or not _FAST_PATHS.get():
         return None
     if torch.is_autocast_enabled("cpu"):
         if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _onednn_bf16():
@@ -145,56 +141,12 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-class CachedWeightsMixin:
-    """Weights prepared for inference (reordered, cast, re-laid-out) once and reused while the parameters are unchanged.
+class InternImageLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) on oneDNN where it applies, with an optional fused GELU.
 
-    Inference only; the copies are not part of the state dict. They are keyed on each parameter's identity (a
-    replaced Parameter may reuse the freed one's address), storage, dtype and in-place version: any change drops
-    every copy, so no stale copy of an earlier weight or dtype stays alive.
+    The weight is used as it is on every call (no prepared copy is kept): edits of any kind, `.data` and NumPy views
+    included, are seen by the next call.
     """
-
-    def _cached(self, tag, dtype: torch.dtype, prepare, weight: torch.Tensor, bias: torch.Tensor | None):
-        """(prepare(weight in `dtype`), bias in `dtype`), built once per tag for this (weight, bias): the module's
-        current parameters, passed in by the caller."""
-        key = (weight.data_ptr(), weight.dtype, weight._version,
-               None if bias is None else (bias.data_ptr(), bias.dtype, bias._version))
-        state = self.__dict__.get("_cached_weights")
-        if (state is None or state["key"] != key or state["weight"]() is not weight
-                or (state["bias"]() if state["bias"] is not None else None) is not bias):
-            state = {"weight": weakref.ref(weight), "bias": None if bias is None else weakref.ref(bias), "key": key,
-                     "values": {}}
-            self.__dict__["_cached_weights"] = state
-        value = state["values"].get(tag)
-        if value is None:
-            with torch.no_grad():
-                value = state["values"][tag] = (prepare(weight.detach().to(dtype)),
-                                                None if bias is None else bias.detach().to(dtype))
-        return value
-
-    @staticmethod
-    def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        return torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-
-    def __getstate__(self):  # the cached copies may be opaque oneDNN tensors: they cannot be pickled or deep-copied
-        state = super().__getstate__().copy()
-        state.pop("_cached_weights", None)
-        return state
-
-    def train(self, mode: bool = True):
-        # Edits through `.data` bypass the version counter the cache keys on; `model.eval()` after such edits (the
-        # usual step before inference) starts from fresh copies.
-        self.__dict__.pop("_cached_weights", None)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): do not keep copies of the old parameters alive
-        self.__dict__.pop("_cached_weights", None)
-        return super()._apply(fn, recurse)
-
-
-class InternImageLinear(CachedWeightsMixin, nn.Linear):
-    """nn.Linear (same parameters and state-dict names) on oneDNN where it applies, with an optional fused GELU."""
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         dtype = onednn_linear_dtype(x, self.weight)
@@ -203,70 +155,19 @@ class InternImageLinear(CachedWeightsMixin, nn.Linear):
             return F.gelu(out) if gelu else out
         flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         weight, bias = self.weight, self.bias
-        if self._needs_grad(flat, weight, bias):  # never under autocast (onednn_linear_dtype): one dtype throughout
+        if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad)):
+            # never under autocast (onednn_linear_dtype): one dtype throughout
             out = _OneDNNLinear.apply(flat, weight, bias)
             out = F.gelu(out) if gelu else out
         else:
-            if PACK_WEIGHTS:
-                # Given a plain weight, oneDNN's linear reorders it on every call (3-15% of the call at InternImage's
-                # shapes; the same arithmetic follows, so results are bit-identical), and bfloat16 autocast would
-                # cast it on every call.
-                weight, bias = self._cached(("onednn", dtype), dtype, _ONEDNN_REORDER, weight, bias)
-            elif dtype != weight.dtype:
+            if dtype != weight.dtype:  # bf16 autocast inference
                 weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
             if gelu:
                 out = _ONEDNN_LINEAR(flat, weight, bias, "gelu", [None], "none")
             else:
                 out = _ONEDNN_LINEAR(flat, weight, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
-
-
-class InternImageConv2d(CachedWeightsMixin, nn.Conv2d):
-    """nn.Conv2d that, in inference, keeps its weight prepared the way each call would otherwise prepare it.
-
-    Inside a level, activations are channels-last; convolution then converts a plain weight to channels-last on
-    every call (a fresh allocation: at batch 1 the 256->512 downsampling alone cost ~14 ms of page faults and copying
-    in a ~75 ms forward), under autocast it first casts weight and bias, and oneDNN then reorders the weight into
-    its blocked layout (the stem's first convolution, on a channels-first image, ran 5x faster on a pre-reordered
-    weight). Dense convolutions on CPU keep oneDNN's reordered weight (oneDNN may then pick another algorithm than
-    for a plain weight: float32 rounding differences, e.g. 3.3e-5 -> 3.7e-5 on the chaotic tiny_l fixture, exact on
-    the others); the rest keep the cast, channels-last copy (bit-identical results).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if not (PACK_WEIGHTS and _FAST_PATHS) or x.dim() != 4 or self._needs_grad(x, weight, bias) or _tracing():
-            return self._conv_forward(x, weight, bias)
-        device = x.device.type
-        dtype = weight.dtype
-        # Autocast's rule: float32 tensors (not float64 ones) are cast to its dtype.
-        autocast = torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, weight.dtype)
-        if autocast:
-            dtype = torch.get_autocast_dtype(device)
-        layout = torch.contiguous_format
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            layout = torch.channels_last
-        if self._onednn_applies(x, dtype, layout, autocast):
-            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            weight, bias = self._cached(("onednn", dtype, layout), dtype, lambda w: _ONEDNN_CONV_REORDER(
-                w.contiguous(memory_format=layout), *args, list(x.shape)), weight, bias)
-            return _ONEDNN_CONV(x.to(dtype), weight, bias, *args, "none", [], "")
-        if dtype != weight.dtype or not weight.is_contiguous(memory_format=layout):
-            weight, bias = self._cached(("conv", dtype, layout), dtype,
-                                        lambda w: w.contiguous(memory_format=layout), weight, bias)
-        return self._conv_forward(x, weight, bias)
-
-    def _onednn_applies(self, x: torch.Tensor, dtype: torch.dtype, layout, autocast: bool) -> bool:
-        """Dense convolution on a dense, non-empty CPU input, in float32 (or bfloat16 where oneDNN has it natively);
-        the input already in that dtype, or float32 under autocast (anything else gets PyTorch's own error).
-
-        (Depthwise convolutions are left to PyTorch: a pre-reordered weight made them slower at batch 8.)
-        """
-        return (_ONEDNN_CONV is not None and _ONEDNN_CONV_REORDER is not None and x.device.type == "cpu"
-                and (layout == torch.channels_last or x.is_contiguous()) and x.numel() > 0 and self.groups == 1
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and (x.dtype == dtype or (autocast and x.dtype == torch.float32))
-                and (dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16())))
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -304,7 +205,7 @@ class InternImageConvNorm(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool, eps: float,
                  groups: int = 1):
         super().__init__()
-        self.conv = InternImageConv2d(in_channels, out_channels, kernel_size, stride=stride,
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                                       padding=(kernel_size - 1) // 2, groups=groups, bias=bias)
         self.norm = nn.LayerNorm(out_channels, eps=eps)
 
@@ -319,10 +220,10 @@ class InternImageEmbeddings(nn.Module):
         super().__init__()
         channels = config.channels
         self.num_channels = config.num_channels
-        self.conv1 = InternImageConv2d(config.num_channels, channels // 2, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(config.num_channels, channels // 2, 3, stride=2, padding=1)
         self.norm1 = nn.LayerNorm(channels // 2, eps=config.layer_norm_eps)
         self.act = nn.GELU()
-        self.conv2 = InternImageConv2d(channels // 2, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1)
         self.norm2 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -392,9 +293,10 @@ class InternImageDCNv3(nn.Module):
         offset, mask = params[0], params[1]
         # The softmax over each group's points runs inside the op (fused into the compiled CPU kernel); with the
         # fast paths off, in PyTorch first, as the official code does.
-        fused = _FAST_PATHS
-        if not fused:
-            mask = mask.unflatten(-1, (self.groups, self.points)).softmax(-1, dtype=torch.float32).flatten(-2)
+        fused = _fast_paths_enabled()
+        if not fused:  # in float32 at least (the official code's dtype), in float64 for float64 models
+            dtype = torch.promote_types(mask.dtype, torch.float32)
+            mask = mask.unflatten(-1, (self.groups, self.points)).softmax(-1, dtype=dtype).flatten(-2)
         pad = (self.kernel_size - 1) // 2
         out = self.core(x, offset, mask.to(x.dtype), self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
                         self.groups, self.group_channels, self.offset_scale, self.remove_center, fused)
@@ -520,7 +422,7 @@ class InternImageConvPooler(nn.Module):
     def __init__(self, config: InternImageConfig):
         super().__init__()
         channels = config.hidden_sizes[-1]
-        self.conv = InternImageConv2d(channels, config.pooled_size, 1, bias=False)
+        self.conv = nn.Conv2d(channels, config.pooled_size, 1, bias=False)
         self.norm = nn.BatchNorm2d(config.pooled_size)
         self.act = nn.GELU()
 
@@ -567,9 +469,9 @@ class InternImageAttentionPooler(nn.Module):
     def __init__(self, config: InternImageConfig):
         super().__init__()
         dim = config.projector_dim
-        self.stage4_proj = InternImageConv2d(config.hidden_sizes[-1], dim * 4, 1)
+        self.stage4_proj = nn.Conv2d(config.hidden_sizes[-1], dim * 4, 1)
         self.upsample = nn.PixelShuffle(2)
-        self.stage3_proj = InternImageConv2d(config.hidden_sizes[-2], dim, 1)
+        self.stage3_proj = nn.Conv2d(config.hidden_sizes[-2], dim, 1)
         self.attention = InternImageAttentionPool(dim, config.projector_out_dim, config.projector_num_heads,
                                                   config.layer_norm_eps)
         self.norm = nn.LayerNorm(config.projector_out_dim, eps=config.layer_norm_eps)
@@ -677,6 +579,12 @@ class InternImagePreTrainedModel(PreTrainedModel):
             )
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+        dtype = self.embeddings.conv1.weight.dtype
+        if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype} but the model's weights are {dtype}: convert one to the other "
+                f"(pixel_values.to({dtype}) or model.to({pixel_values.dtype})), or run under torch.autocast"
+            )
         height, width = pixel_values.shape[-2:]
         if height < 32 or width < 32:
             raise ValueError(f"InternImage needs images of at least 32x32 pixels (its output stride); got "
