@@ -8,8 +8,15 @@ import torch
 from internimage_hf import VARIANTS, InternImageConfig, InternImageForImageClassification
 
 # SPEC §2 / research notes: parameters of each official model with its 1k head (counted from the official code).
-OFFICIAL_PARAMS = {"t": 29.92e6, "s": 50.08e6, "b": 97.46e6, "l": 223.33e6, "xl": 334.82e6, "h": 1089.6e6,
-                   "g": 3076.4e6}
+OFFICIAL_PARAMS = {
+    "t": 29.92e6,
+    "s": 50.08e6,
+    "b": 97.46e6,
+    "l": 223.33e6,
+    "xl": 334.82e6,
+    "h": 1089.6e6,
+    "g": 3076.4e6,
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -30,17 +37,20 @@ def test_preset_fields_and_overrides():
     assert h.pooled_size == 768 and InternImageConfig.from_variant("t").pooled_size == 768
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(channels=10), "groups"),
-    (dict(depths=[1, 1, 1]), "depths"),
-    (dict(groups=[4, 8, 16]), "groups"),
-    (dict(dw_kernel_size=4), "dw_kernel_size"),
-    (dict(offset_scale=0), "offset_scale"),
-    (dict(level2_post_norm=True, level2_post_norm_block_ids=[99]), "level2_post_norm_block_ids"),
-    (dict(level2_post_norm=True), "level2_post_norm_block_ids"),
-    (dict(drop_path_rate=1.5), "drop_path_rate"),
-    (dict(act_layer="ReLU"), "act_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(channels=10), "groups"),
+        (dict(depths=[1, 1, 1]), "depths"),
+        (dict(groups=[4, 8, 16]), "groups"),
+        (dict(dw_kernel_size=4), "dw_kernel_size"),
+        (dict(offset_scale=0), "offset_scale"),
+        (dict(level2_post_norm=True, level2_post_norm_block_ids=[99]), "level2_post_norm_block_ids"),
+        (dict(level2_post_norm=True), "level2_post_norm_block_ids"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(act_layer="ReLU"), "act_layer"),
+    ],
+)
 def test_invalid_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         InternImageConfig(**kwargs)
@@ -52,8 +62,15 @@ def test_unknown_variant():
 
 
 def test_official_and_remote_code_fields_are_accepted():
-    config = InternImageConfig(core_op="DCNv3", num_classes=7, with_cp=False, drop_path_type="linear",
-                               norm_layer="LN", act_layer="GELU", dw_kernel_size=None)
+    config = InternImageConfig(
+        core_op="DCNv3",
+        num_classes=7,
+        with_cp=False,
+        drop_path_type="linear",
+        norm_layer="LN",
+        act_layer="GELU",
+        dw_kernel_size=None,
+    )
     assert config.num_labels == 7 and config.dw_kernel_size == 3
     assert "num_classes" not in config.to_dict() and "core_op" not in config.to_dict()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 try:  # transformers >= 5.5
     from transformers.backbone_utils import BackboneConfigMixin
@@ -13,29 +17,223 @@ from transformers import PretrainedConfig
 # Official architecture of each released variant (SPEC §2). `eval_size` is the resolution its released 1k weights
 # were evaluated at; `train_drop_path_rate` the official training value (models load with 0.0, for inference).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "t": dict(channels=64, depths=[4, 4, 18, 4], groups=[4, 8, 16, 32], offset_scale=1.0, layer_scale=None,
-              post_norm=False, eval_size=224, train_drop_path_rate=0.1),
-    "s": dict(channels=80, depths=[4, 4, 21, 4], groups=[5, 10, 20, 40], offset_scale=1.0, layer_scale=1e-5,
-              post_norm=True, eval_size=224, train_drop_path_rate=0.4),
-    "b": dict(channels=112, depths=[4, 4, 21, 4], groups=[7, 14, 28, 56], offset_scale=1.0, layer_scale=1e-5,
-              post_norm=True, eval_size=224, train_drop_path_rate=0.5),
-    "l": dict(channels=160, depths=[5, 5, 22, 5], groups=[10, 20, 40, 80], offset_scale=2.0, layer_scale=1e-5,
-              post_norm=True, eval_size=384, train_drop_path_rate=0.1),
-    "xl": dict(channels=192, depths=[5, 5, 24, 5], groups=[12, 24, 48, 96], offset_scale=2.0, layer_scale=1e-5,
-               post_norm=True, eval_size=384, train_drop_path_rate=0.2),
-    "h": dict(channels=320, depths=[6, 6, 32, 6], groups=[10, 20, 40, 80], offset_scale=1.0, layer_scale=None,
-              post_norm=False, res_post_norm=True, dw_kernel_size=5, level2_post_norm=True,
-              level2_post_norm_block_ids=[5, 11, 17, 23, 29], center_feature_scale=True, use_clip_projector=True,
-              eval_size=640, train_drop_path_rate=0.2),
-    "g": dict(channels=512, depths=[2, 2, 48, 4], groups=[16, 32, 64, 128], offset_scale=1.0, layer_scale=None,
-              post_norm=True, dw_kernel_size=5, level2_post_norm=True,
-              level2_post_norm_block_ids=[5, 11, 17, 23, 29, 35, 41, 47], center_feature_scale=True,
-              use_clip_projector=True, eval_size=512, train_drop_path_rate=0.4),
+    "t": dict(
+        channels=64,
+        depths=[4, 4, 18, 4],
+        groups=[4, 8, 16, 32],
+        offset_scale=1.0,
+        layer_scale=None,
+        post_norm=False,
+        eval_size=224,
+        train_drop_path_rate=0.1,
+    ),
+    "s": dict(
+        channels=80,
+        depths=[4, 4, 21, 4],
+        groups=[5, 10, 20, 40],
+        offset_scale=1.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        eval_size=224,
+        train_drop_path_rate=0.4,
+    ),
+    "b": dict(
+        channels=112,
+        depths=[4, 4, 21, 4],
+        groups=[7, 14, 28, 56],
+        offset_scale=1.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        eval_size=224,
+        train_drop_path_rate=0.5,
+    ),
+    "l": dict(
+        channels=160,
+        depths=[5, 5, 22, 5],
+        groups=[10, 20, 40, 80],
+        offset_scale=2.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        eval_size=384,
+        train_drop_path_rate=0.1,
+    ),
+    "xl": dict(
+        channels=192,
+        depths=[5, 5, 24, 5],
+        groups=[12, 24, 48, 96],
+        offset_scale=2.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        eval_size=384,
+        train_drop_path_rate=0.2,
+    ),
+    "h": dict(
+        channels=320,
+        depths=[6, 6, 32, 6],
+        groups=[10, 20, 40, 80],
+        offset_scale=1.0,
+        layer_scale=None,
+        post_norm=False,
+        res_post_norm=True,
+        dw_kernel_size=5,
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[5, 11, 17, 23, 29],
+        center_feature_scale=True,
+        use_clip_projector=True,
+        eval_size=640,
+        train_drop_path_rate=0.2,
+    ),
+    "g": dict(
+        channels=512,
+        depths=[2, 2, 48, 4],
+        groups=[16, 32, 64, 128],
+        offset_scale=1.0,
+        layer_scale=None,
+        post_norm=True,
+        dw_kernel_size=5,
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[5, 11, 17, 23, 29, 35, 41, 47],
+        center_feature_scale=True,
+        use_clip_projector=True,
+        eval_size=512,
+        train_drop_path_rate=0.4,
+    ),
 }
 
 # Official constructor keys that carry no information for this port (they select implementations we replace).
-_IGNORED_OFFICIAL_KEYS = {"core_op": None, "with_cp": None, "drop_path_type": "linear", "act_layer": "GELU",
-                          "norm_layer": "LN"}
+_IGNORED_OFFICIAL_KEYS = {
+    "core_op": None,
+    "with_cp": None,
+    "drop_path_type": "linear",
+    "act_layer": "GELU",
+    "norm_layer": "LN",
+}
+
+# Activations the model implements: every GELU in InternImage is the exact (erf) nn.GELU, as in the official code.
+SUPPORTED_ACTIVATIONS = ("gelu",)
+
+# ---------------------------------------------------------------------------------------------- field checks
+# Each field is checked, and normalised (lists, Python int/float/bool), whenever it is set: in __init__, by
+# `from_pretrained(..., field=value)` overrides and by plain assignment. Checks that involve several fields run in
+# __init__ and in `validate()` (which `save_pretrained` calls).
+_BOOL_FIELDS = (
+    "post_norm",
+    "res_post_norm",
+    "level2_post_norm",
+    "center_feature_scale",
+    "use_clip_projector",
+    "remove_center",
+    "recompute_sampling_parameters",
+)
+# field -> smallest value
+_INT_FIELDS = {
+    "channels": 2,
+    "kernel_size": 1,
+    "dw_kernel_size": 1,
+    "projector_dim": 1,
+    "projector_out_dim": 1,
+    "projector_num_heads": 1,
+    "num_channels": 1,
+    "image_size": 32,
+}
+_ODD_FIELDS = ("kernel_size", "dw_kernel_size")
+_INT_LIST_FIELDS = {"depths": 1, "groups": 1}
+# field -> (lower bound, lower bound allowed, upper bound or None, None allowed)
+_FLOAT_FIELDS = {
+    "mlp_ratio": (0.0, False, None, False),
+    "offset_scale": (0.0, False, None, False),
+    "layer_scale": (0.0, False, None, True),
+    "cls_scale": (0.0, False, None, False),
+    "drop_rate": (0.0, True, 1.0, False),
+    "drop_path_rate": (0.0, True, 1.0, False),
+    "layer_norm_eps": (0.0, False, None, False),
+    "initializer_range": (0.0, True, None, False),
+}
+_WHY = {
+    "channels": "the stem's first convolution has channels // 2 outputs",
+    "image_size": "the model's output stride; it rejects smaller images",
+}
+
+
+def _fail(field: str, message: str):
+    raise ValueError(f"InternImageConfig.{field}: {message}")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(field: str, value: Any, minimum: int) -> int:
+    if not _is_int(value):
+        _fail(field, f"must be an integer, got {_describe(value)}")
+    if value < minimum:
+        why = f" ({_WHY[field]})" if field in _WHY else ""
+        _fail(field, f"must be at least {minimum}{why}, got {value}")
+    return int(value)
+
+
+def _check_int_list(field: str, value: Any, minimum: int) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        _fail(field, f"must be a list of integers, got {_describe(value)}")
+    for index, item in enumerate(value):
+        if not _is_int(item):
+            _fail(field, f"must be a list of integers; entry {index} is {_describe(item)}")
+        if item < minimum:
+            _fail(field, f"entries must be at least {minimum}; entry {index} is {item}")
+    return [int(item) for item in value]
+
+
+def _check_field(field: str, value: Any) -> Any:
+    """The checked, normalised value of one field (ValueError naming the field otherwise)."""
+    if field in _BOOL_FIELDS:
+        if not isinstance(value, (bool, np.bool_)):
+            _fail(field, f"must be true or false, got {_describe(value)}")
+        return bool(value)
+    if field in _INT_FIELDS:
+        value = _check_int(field, value, _INT_FIELDS[field])
+        if field in _ODD_FIELDS and value % 2 == 0:
+            _fail(field, f"must be a positive odd number, got {value}")
+        return value
+    if field in _INT_LIST_FIELDS:
+        return _check_int_list(field, value, _INT_LIST_FIELDS[field])
+    if field in _FLOAT_FIELDS:
+        low, low_ok, high, none_ok = _FLOAT_FIELDS[field]
+        if value is None and none_ok:
+            return None
+        if not _is_real(value):
+            kind = "a number or null" if none_ok else "a number"
+            _fail(field, f"must be {kind}, got {_describe(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            _fail(field, f"must be finite, got {value}")
+        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+            interval = f"{'[' if low_ok else '('}{low:g}, {'inf)' if high is None else f'{high:g})'}"
+            _fail(field, f"must be in {interval}, got {value}")
+        return value
+    if field == "level2_post_norm_block_ids":
+        return None if value is None else _check_int_list(field, value, 0)
+    if field == "hidden_act":
+        if value not in SUPPORTED_ACTIVATIONS:
+            _fail(
+                field,
+                f"must be one of {', '.join(map(repr, SUPPORTED_ACTIVATIONS))} (the model's GELUs are "
+                f"fixed, as in the official code), got {_describe(value)}",
+            )
+        return value
+    return value
+
+
+_CHECKED_FIELDS = frozenset(
+    (*_BOOL_FIELDS, *_INT_FIELDS, *_INT_LIST_FIELDS, *_FLOAT_FIELDS, "level2_post_norm_block_ids", "hidden_act")
+)
 
 
 class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
@@ -43,6 +241,9 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
 
     Field names follow the official `InternImage(...)` constructor so official configs load unchanged; the
     OpenGVLab remote-code `config.json` (same `model_type`, `num_classes` instead of `num_labels`) loads too.
+
+    Every field is type- and range-checked when it is set (ints must be ints, booleans bools, floats finite);
+    an invalid value raises `ValueError` naming the field.
     """
 
     model_type = "internimage"
@@ -81,47 +282,57 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         **kwargs,
     ):
         num_classes = kwargs.pop("num_classes", None)
+        if num_classes is not None:
+            num_classes = _check_int("num_classes", num_classes, 0)
+        if kwargs.get("num_labels") is not None:
+            kwargs["num_labels"] = _check_int("num_labels", kwargs["num_labels"], 0)
         if num_classes is not None and "id2label" not in kwargs and "num_labels" not in kwargs:
-            kwargs["num_labels"] = int(num_classes)
+            kwargs["num_labels"] = num_classes
         for key, expected in _IGNORED_OFFICIAL_KEYS.items():
             value = kwargs.pop(key, None)
             if expected is not None and value is not None and value != expected:
-                raise ValueError(f"InternImageConfig: {key}={value!r} is not supported (only {expected!r})")
-        self.channels = int(channels)
-        self.depths = [int(d) for d in depths]
-        self.groups = [int(g) for g in groups]
-        self.kernel_size = int(kernel_size)
-        self.mlp_ratio = float(mlp_ratio)
-        self.offset_scale = float(offset_scale)
-        self.layer_scale = None if layer_scale is None else float(layer_scale)
-        self.post_norm = bool(post_norm)
-        self.res_post_norm = bool(res_post_norm)
-        self.dw_kernel_size = int(dw_kernel_size) if dw_kernel_size is not None else int(kernel_size)
-        self.level2_post_norm = bool(level2_post_norm)
-        self.level2_post_norm_block_ids = (
-            None if level2_post_norm_block_ids is None else [int(i) for i in level2_post_norm_block_ids]
-        )
-        self.center_feature_scale = bool(center_feature_scale)
-        self.use_clip_projector = bool(use_clip_projector)
-        self.remove_center = bool(remove_center)
-        self.cls_scale = float(cls_scale)
-        self.projector_dim = int(projector_dim)
-        self.projector_out_dim = int(projector_out_dim)
-        self.projector_num_heads = int(projector_num_heads)
-        self.drop_rate = float(drop_rate)
-        self.drop_path_rate = float(drop_path_rate)
-        self.num_channels = int(num_channels)
-        self.layer_norm_eps = float(layer_norm_eps)
-        self.initializer_range = float(initializer_range)
+                _fail(key, f"{value!r} is not supported (only {expected!r})")
+        # Each assignment is checked by __setattr__ (kernel_size before dw_kernel_size, which defaults to it).
+        self.channels = channels
+        self.depths = depths
+        self.groups = groups
+        self.kernel_size = kernel_size
+        self.mlp_ratio = mlp_ratio
+        self.offset_scale = offset_scale
+        self.layer_scale = layer_scale
+        self.post_norm = post_norm
+        self.res_post_norm = res_post_norm
+        self.dw_kernel_size = dw_kernel_size
+        self.level2_post_norm = level2_post_norm
+        self.level2_post_norm_block_ids = level2_post_norm_block_ids
+        self.center_feature_scale = center_feature_scale
+        self.use_clip_projector = use_clip_projector
+        self.remove_center = remove_center
+        self.cls_scale = cls_scale
+        self.projector_dim = projector_dim
+        self.projector_out_dim = projector_out_dim
+        self.projector_num_heads = projector_num_heads
+        self.drop_rate = drop_rate
+        self.drop_path_rate = drop_path_rate
+        self.num_channels = num_channels
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
         self.hidden_act = hidden_act
-        self.image_size = int(image_size)
+        self.image_size = image_size
         # Training: recompute each DCNv3 layer's offset/mask branch in backward instead of storing it
         # (~20% less activation memory for a few % more time; results are identical).
-        self.recompute_sampling_parameters = bool(recompute_sampling_parameters)
+        self.recompute_sampling_parameters = recompute_sampling_parameters
         self._validate()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         super().__init__(**kwargs)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CHECKED_FIELDS:
+            if name == "dw_kernel_size" and value is None:  # official: None means "same as kernel_size"
+                value = self.kernel_size
+            value = _check_field(name, value)
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -152,7 +363,7 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_variant(cls, name: str, **overrides) -> "InternImageConfig":
+    def from_variant(cls, name: str, **overrides) -> InternImageConfig:
         """Config of an official variant ("t", "s", "b", "l", "xl", "h", "g"); keyword arguments override fields."""
         key = str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
         if key not in VARIANTS:
@@ -162,45 +373,59 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         fields.update(overrides)
         return cls(**fields)
 
-    def _validate(self) -> None:
-        def fail(field: str, message: str):
-            raise ValueError(f"InternImageConfig.{field}: {message}")
+    # ------------------------------------------------------------------ checks across fields
+    def validate(self) -> None:
+        """transformers' checks plus every InternImage check (`save_pretrained` calls this)."""
+        super().validate()
+        for field in sorted(_CHECKED_FIELDS):
+            _check_field(field, getattr(self, field))
+        self._validate()
 
-        if self.channels < 1:
-            fail("channels", f"must be positive, got {self.channels}")
+    def _validate(self) -> None:
+        """Checks that involve several fields (each field's own type and range are checked when it is set)."""
         if len(self.depths) != 4:
-            fail("depths", f"must list 4 levels, got {len(self.depths)} ({self.depths})")
+            _fail("depths", f"must list 4 levels, got {len(self.depths)} ({self.depths})")
         if len(self.groups) != len(self.depths):
-            fail("groups", f"must have one entry per level ({len(self.depths)}), got {len(self.groups)}")
-        if any(d < 1 for d in self.depths):
-            fail("depths", f"every level needs at least one layer, got {self.depths}")
+            _fail("groups", f"must have one entry per level ({len(self.depths)}), got {len(self.groups)}")
         for level, (width, group) in enumerate(zip(self.hidden_sizes, self.groups)):
-            if group < 1 or width % group != 0:
-                fail("groups", f"level {level} has {width} channels, not divisible by groups[{level}]={group}")
-        for field in ("kernel_size", "dw_kernel_size"):
-            value = getattr(self, field)
-            if value < 1 or value % 2 == 0:
-                fail(field, f"must be a positive odd number, got {value}")
-        if self.offset_scale <= 0:
-            fail("offset_scale", f"must be positive, got {self.offset_scale}")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", f"must be positive, got {self.mlp_ratio}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            fail("drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+            if width % group != 0:
+                _fail("groups", f"level {level} has {width} channels, not divisible by groups[{level}]={group}")
+        if self.remove_center and self.kernel_size == 1:
+            _fail(
+                "remove_center",
+                "a 1x1 kernel without its centre has no sampling points (kernel_size must be at "
+                "least 3 with remove_center)",
+            )
+        if int(self.channels * self.mlp_ratio) < 1:
+            _fail(
+                "mlp_ratio",
+                f"{self.mlp_ratio} gives the level-0 MLP int({self.channels} * {self.mlp_ratio}) = 0 hidden units",
+            )
+        if not self.use_clip_projector and int(self.hidden_sizes[-1] * self.cls_scale) < 1:
+            _fail(
+                "cls_scale",
+                f"{self.cls_scale} gives the classification head int({self.hidden_sizes[-1]} * "
+                f"{self.cls_scale}) = 0 channels",
+            )
+        if self.projector_dim % self.projector_num_heads != 0:
+            _fail(
+                "projector_num_heads", f"{self.projector_num_heads} does not divide projector_dim {self.projector_dim}"
+            )
+        if self.use_clip_projector and self.image_size % 32 != 0:
+            _fail(
+                "image_size",
+                f"InternImage-H/G (use_clip_projector) classify images whose sides are multiples of "
+                f"32, got {self.image_size}",
+            )
         if self.level2_post_norm:
             ids = self.level2_post_norm_block_ids
             if not ids:
-                fail("level2_post_norm_block_ids", "must list block ids when level2_post_norm is set")
+                _fail("level2_post_norm_block_ids", "must list block ids when level2_post_norm is set")
             bad = [i for i in ids if not 0 <= i < self.depths[2]]
             if bad:
-                fail("level2_post_norm_block_ids", f"{bad} are outside level 2's {self.depths[2]} blocks")
-        if self.use_clip_projector and self.projector_dim % self.projector_num_heads != 0:
-            fail("projector_num_heads", f"{self.projector_num_heads} does not divide projector_dim "
-                                        f"{self.projector_dim}")
-        if self.num_channels < 1:
-            fail("num_channels", f"must be positive, got {self.num_channels}")
+                _fail("level2_post_norm_block_ids", f"{bad} are outside level 2's {self.depths[2]} blocks")
+            if len(set(ids)) != len(ids):
+                _fail("level2_post_norm_block_ids", f"must not repeat a block id, got {ids}")
 
 
 __all__ = ["InternImageConfig", "VARIANTS"]
