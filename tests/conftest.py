@@ -15,6 +15,7 @@ from internimage_hf.ops.build import build_kernels
 REPO = Path(__file__).resolve().parents[1]
 # Official parity fixtures, inside the repository (tests/fixtures/README.md); INTERNIMAGE_FIXTURES overrides.
 FIXTURES = Path(os.environ.get("INTERNIMAGE_FIXTURES") or Path(__file__).resolve().parent / "fixtures" / "official")
+collect_ignore = ["hf_shims"]  # stand-ins for transformers test helpers (see hf_shims/README.md), not tests
 MODEL_CASES = ("tiny_t", "tiny_l", "tiny_h", "tiny_g")
 
 

@@ -51,6 +51,7 @@ def _register() -> None:
         AutoModelForImageClassification,
     )
 
+    from .auto_backbone import load_local_folders_directly
     from .configuration_internimage import InternImageConfig
     from .modeling_internimage import (
         InternImageBackbone,
@@ -63,6 +64,7 @@ def _register() -> None:
     AutoModel.register(InternImageConfig, InternImageModel, exist_ok=True)
     AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification, exist_ok=True)
     AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
+    load_local_folders_directly(AutoBackbone)  # transformers asks the Hub about local folders too (offline: error)
     processor_class = type(make_image_processor())
     try:
         AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class},
