@@ -80,6 +80,7 @@ def candidates(op, inputs, args):
         def run():
             with torch.no_grad():
                 fn(x, offset, mask, *args)
+
         return run
 
     def forward_backward(fn):
@@ -89,10 +90,15 @@ def candidates(op, inputs, args):
             for t in leaves:
                 t.grad = None
             fn(*leaves, *args).backward(grad)
+
         return run
 
-    return {"ref fwd": forward(dcnv3_core_reference), "compiled fwd": forward(op),
-            "ref fwd+bwd": forward_backward(dcnv3_core_reference), "compiled fwd+bwd": forward_backward(op)}
+    return {
+        "ref fwd": forward(dcnv3_core_reference),
+        "compiled fwd": forward(op),
+        "ref fwd+bwd": forward_backward(dcnv3_core_reference),
+        "compiled fwd+bwd": forward_backward(op),
+    }
 
 
 def measure(op, shape, n, dtype, device, repeats, min_time):
@@ -111,24 +117,34 @@ def measure(op, shape, n, dtype, device, repeats, min_time):
         r += 1
     med = {name: statistics.median(t) for name, t in times.items()}
     fwd_bytes, fb_bytes = op_bytes(n, size, channels, groups, inputs[0].element_size())
-    return {"shape": label, "size": size, "channels": channels, "groups": groups, "batch": n, "repeats": r,
-            **{f"{k} ms": v * 1e3 for k, v in med.items()},
-            "fwd speed-up": med["ref fwd"] / med["compiled fwd"],
-            "fwd+bwd speed-up": med["ref fwd+bwd"] / med["compiled fwd+bwd"],
-            "compiled fwd GB/s": fwd_bytes / med["compiled fwd"] / 1e9,
-            "compiled fwd+bwd GB/s": fb_bytes / med["compiled fwd+bwd"] / 1e9}
+    return {
+        "shape": label,
+        "size": size,
+        "channels": channels,
+        "groups": groups,
+        "batch": n,
+        "repeats": r,
+        **{f"{k} ms": v * 1e3 for k, v in med.items()},
+        "fwd speed-up": med["ref fwd"] / med["compiled fwd"],
+        "fwd+bwd speed-up": med["ref fwd+bwd"] / med["compiled fwd+bwd"],
+        "compiled fwd GB/s": fwd_bytes / med["compiled fwd"] / 1e9,
+        "compiled fwd+bwd GB/s": fb_bytes / med["compiled fwd+bwd"] / 1e9,
+    }
 
 
 def table(rows):
-    head = ("| shape | N | ref fwd ms | compiled fwd ms | fwd × | ref fwd+bwd ms | compiled fwd+bwd ms | fwd+bwd × | "
-            "fwd GB/s | fwd+bwd GB/s |")
+    head = (
+        "| shape | N | ref fwd ms | compiled fwd ms | fwd × | ref fwd+bwd ms | compiled fwd+bwd ms | fwd+bwd × | "
+        "fwd GB/s | fwd+bwd GB/s |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         lines.append(
             f"| {r['shape']} ({r['size']}², C{r['channels']}, G{r['groups']}) | {r['batch']} | {r['ref fwd ms']:.2f} | "
             f"{r['compiled fwd ms']:.3f} | {r['fwd speed-up']:.1f} | {r['ref fwd+bwd ms']:.2f} | "
             f"{r['compiled fwd+bwd ms']:.3f} | {r['fwd+bwd speed-up']:.1f} | {r['compiled fwd GB/s']:.1f} | "
-            f"{r['compiled fwd+bwd GB/s']:.1f} |")
+            f"{r['compiled fwd+bwd GB/s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -167,8 +183,9 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     probe = torch.empty(1, device=device, dtype=dtype)
     if not op.supports(probe):
-        print(f"bench_dcnv3: the compiled kernel ({op.source}) does not handle {args.dtype} on {device}",
-              file=sys.stderr)
+        print(
+            f"bench_dcnv3: the compiled kernel ({op.source}) does not handle {args.dtype} on {device}", file=sys.stderr
+        )
         return 1
 
     rows = []
@@ -177,17 +194,31 @@ def main(argv=None) -> int:
             rows.append(measure(op, shape, n, dtype, device, args.repeats, args.min_time))
             print(f"  measured {shape[0]} N={n}", file=sys.stderr, flush=True)
     cpu = platform.processor() or platform.machine()
-    print(f"DCNv3 core, {args.dtype} on {device} ({cpu}, {torch.get_num_threads()} threads), torch "
-          f"{torch.__version__}, kernel: {op.source}\n")
+    print(
+        f"DCNv3 core, {args.dtype} on {device} ({cpu}, {torch.get_num_threads()} threads), torch "
+        f"{torch.__version__}, kernel: {op.source}\n"
+    )
     print(table(rows))
     t_rows = [r for r in rows if r["shape"].startswith("T ")]
-    print(f"\nInternImage-T levels, geometric mean: forward {geomean([r['fwd speed-up'] for r in t_rows]):.1f}×, "
-          f"forward+backward {geomean([r['fwd+bwd speed-up'] for r in t_rows]):.1f}× "
-          f"(minimum {min(r['fwd speed-up'] for r in t_rows):.1f}× / {min(r['fwd+bwd speed-up'] for r in t_rows):.1f}×)")
+    print(
+        f"\nInternImage-T levels, geometric mean: forward {geomean([r['fwd speed-up'] for r in t_rows]):.1f}×, "
+        f"forward+backward {geomean([r['fwd+bwd speed-up'] for r in t_rows]):.1f}× "
+        f"(minimum {min(r['fwd speed-up'] for r in t_rows):.1f}× / {min(r['fwd+bwd speed-up'] for r in t_rows):.1f}×)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"dtype": args.dtype, "device": str(device), "threads":
-                                         torch.get_num_threads(), "torch": torch.__version__, "kernel": op.source,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "dtype": args.dtype,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "kernel": op.source,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -26,8 +26,19 @@ from dataclasses import dataclass, field
 import torch
 
 # ImageNet-1k top-1 of the official weights at 224² (papers / model cards), for the accuracy-vs-speed plot.
-TOP1 = {"internimage-t": 83.5, "internimage-s": 84.2, "internimage-b": 84.9, "convnext-t": 82.1, "convnext-s": 83.1,
-        "convnext-b": 83.8, "swin-t": 81.3, "swin-s": 83.0, "swin-b": 83.5, "mvitv2-t": 82.3, "mvitv2-s": 83.6}
+TOP1 = {
+    "internimage-t": 83.5,
+    "internimage-s": 84.2,
+    "internimage-b": 84.9,
+    "convnext-t": 82.1,
+    "convnext-s": 83.1,
+    "convnext-b": 83.8,
+    "swin-t": 81.3,
+    "swin-s": 83.0,
+    "swin-b": 83.5,
+    "mvitv2-t": 82.3,
+    "mvitv2-s": 83.6,
+}
 
 
 def with_trained_like_sampling(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,8 +65,9 @@ def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
         import internimage_hf
 
         if tiny:
-            config = internimage_hf.InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8],
-                                                      num_labels=1000)
+            config = internimage_hf.InternImageConfig(
+                channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=1000
+            )
         else:
             config = internimage_hf.InternImageConfig.from_variant(size, num_labels=1000)
         return with_trained_like_sampling(internimage_hf.InternImageForImageClassification(config))
@@ -75,8 +87,9 @@ def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
         heads = {"t": [3, 6, 12, 24], "s": [3, 6, 12, 24], "b": [4, 8, 16, 32]}[size]
         if tiny:
             embed, depths, heads, window = 16, [1, 1, 1, 1], [1, 2, 4, 8], 2
-        return SwinForImageClassification(SwinConfig(embed_dim=embed, depths=depths, num_heads=heads,
-                                                     window_size=window, num_labels=1000))
+        return SwinForImageClassification(
+            SwinConfig(embed_dim=embed, depths=depths, num_heads=heads, window_size=window, num_labels=1000)
+        )
     if family == "mvitv2":
         import timm  # optional: only when installed
 
@@ -206,12 +219,20 @@ def measure_peak_memory(case: Case, device: torch.device) -> float | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None,
-                   help="default: internimage-t/s/b, convnext-t/s/b, swin-t/s/b (+ mvitv2-t/s if timm is installed)")
-    p.add_argument("--impls", nargs="+", default=["compiled", "reference", "official"],
-                   help="InternImage implementations: compiled / reference DCNv3 op (with this package's layers), "
-                        "official = reference op and plain PyTorch layers, as the official code computes; "
-                        "free-op = a bound: compiled with a DCNv3 op that costs nothing (returns its input)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="default: internimage-t/s/b, convnext-t/s/b, swin-t/s/b (+ mvitv2-t/s if timm is installed)",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["compiled", "reference", "official"],
+        help="InternImage implementations: compiled / reference DCNv3 op (with this package's layers), "
+        "official = reference op and plain PyTorch layers, as the official code computes; "
+        "free-op = a bound: compiled with a DCNv3 op that costs nothing (returns its input)",
+    )
     p.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--train-batch", type=int, default=None, help="batch for training steps (default: largest --batch)")
@@ -219,8 +240,12 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--min-time", type=float, default=0.3,
-                   help="seconds a timed repeat lasts at least (fast cases run several steps per repeat)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.3,
+        help="seconds a timed repeat lasts at least (fast cases run several steps per repeat)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="T models only, batch 1 and 8, float32, one warm-up step")
@@ -292,13 +317,30 @@ def run(args) -> dict:
     rows = []
     for case in cases:
         median = statistics.median(case.times) if case.times else None
-        rows.append({"model": case.model, "impl": case.impl, "mode": case.mode, "batch": case.batch,
-                     "dtype": case.dtype, "img_per_s": (case.batch / median) if median else None,
-                     "peak_mem_mb": case.peak_mem_mb, "error": case.error})
-    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "size": args.size, "repeats": args.repeats, "min_time_s": args.min_time, "date": time.strftime("%Y-%m-%d"),
-            "python": platform.python_version(), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "rows": rows}
+        rows.append(
+            {
+                "model": case.model,
+                "impl": case.impl,
+                "mode": case.mode,
+                "batch": case.batch,
+                "dtype": case.dtype,
+                "img_per_s": (case.batch / median) if median else None,
+                "peak_mem_mb": case.peak_mem_mb,
+                "error": case.error,
+            }
+        )
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "size": args.size,
+        "repeats": args.repeats,
+        "min_time_s": args.min_time,
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rows": rows,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -309,36 +351,53 @@ def device_name(device: torch.device) -> str:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    base = {(r["mode"], r["batch"], r["dtype"]): r["img_per_s"] for r in rows
-            if r["model"] == "convnext-t" and r["img_per_s"]}
-    lines = [f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads, "
-             f"{result['size']}², median of {result['repeats']} interleaved repeats, {result['date']}", "",
-             "| model | DCNv3 | mode | batch | dtype | img/s | × ConvNeXt-T | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = {
+        (r["mode"], r["batch"], r["dtype"]): r["img_per_s"]
+        for r in rows
+        if r["model"] == "convnext-t" and r["img_per_s"]
+    }
+    lines = [
+        f"device: {result['device']}, torch {result['torch']}, {result['threads']} threads, "
+        f"{result['size']}², median of {result['repeats']} interleaved repeats, {result['date']}",
+        "",
+        "| model | DCNv3 | mode | batch | dtype | img/s | × ConvNeXt-T | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
-                         f"error: {r['error'][:60]} | | |")
+            lines.append(
+                f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
+                f"error: {r['error'][:60]} | | |"
+            )
             continue
         ref = base.get((r["mode"], r["batch"], r["dtype"]))
         ratio = f"{r['img_per_s'] / ref:.2f}" if ref else "–"
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "–"
-        lines.append(f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
-                     f"{r['img_per_s']:.2f} | {ratio} | {mem} |")
+        lines.append(
+            f"| {r['model']} | {r['impl']} | {r['mode']} | {r['batch']} | {r['dtype']} | "
+            f"{r['img_per_s']:.2f} | {ratio} | {mem} |"
+        )
     return "\n".join(lines)
 
 
 def impl_ratios(result: dict) -> str:
     """Same-run speed-ups of the compiled path over the pure-PyTorch ones (and the free-op bound), per case."""
-    speed = {(r["model"], r["impl"], r["mode"], r["batch"], r["dtype"]): r["img_per_s"] for r in result["rows"]
-             if r["img_per_s"]}
+    speed = {
+        (r["model"], r["impl"], r["mode"], r["batch"], r["dtype"]): r["img_per_s"]
+        for r in result["rows"]
+        if r["img_per_s"]
+    }
     lines = []
-    for (model, impl, mode, batch, dtype), value in speed.items():
+    for model, impl, mode, batch, dtype in speed:
         if impl != "compiled":
             continue
         parts = []
-        for numerator, denominator in (("compiled", "reference"), ("compiled", "official"),
-                                       ("free-op", "reference"), ("free-op", "official")):
+        for numerator, denominator in (
+            ("compiled", "reference"),
+            ("compiled", "official"),
+            ("free-op", "reference"),
+            ("free-op", "official"),
+        ):
             num = speed.get((model, numerator, mode, batch, dtype))
             den = speed.get((model, denominator, mode, batch, dtype))
             if num and den:
@@ -346,8 +405,10 @@ def impl_ratios(result: dict) -> str:
         if parts:
             lines.append(f"- {model} {mode} batch {batch} {dtype}: " + ", ".join(parts))
     if lines and any("free-op" in line for line in lines):
-        lines.append("(free-op: the DCNv3 op replaced by a zero-cost stand-in, so free-op / reference is the most "
-                     "any DCNv3 kernel can gain end to end)")
+        lines.append(
+            "(free-op: the DCNv3 op replaced by a zero-cost stand-in, so free-op / reference is the most "
+            "any DCNv3 kernel can gain end to end)"
+        )
     return "\n".join(lines)
 
 
@@ -359,14 +420,22 @@ def plot(result: dict, path: str) -> None:
 
     best = {}
     for r in result["rows"]:
-        if (r["mode"] == "inference" and r["dtype"] == "float32" and r["img_per_s"] and r["model"] in TOP1
-                and r["impl"] != "free-op"):
+        if (
+            r["mode"] == "inference"
+            and r["dtype"] == "float32"
+            and r["img_per_s"]
+            and r["model"] in TOP1
+            and r["impl"] != "free-op"
+        ):
             key = (r["model"], r["batch"])
             best[key] = max(best.get(key, 0), r["img_per_s"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for family, marker in (("internimage", "o"), ("convnext", "s"), ("swin", "^"), ("mvitv2", "D")):
-        pts = sorted((v, TOP1[m]) for (m, b), v in best.items() if m.startswith(family) and b == max(
-            b2 for (m2, b2) in best if m2 == m))
+        pts = sorted(
+            (v, TOP1[m])
+            for (m, b), v in best.items()
+            if m.startswith(family) and b == max(b2 for (m2, b2) in best if m2 == m)
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=family)
     ax.set_xlabel("images / s (inference, float32, largest batch)")

@@ -31,8 +31,7 @@ def draw_digit(digit: int, size: int = 32) -> Image.Image:
     a square, averaged down to 8x8 blocks, then upsampled to `size` x `size`."""
     canvas = Image.new("L", (96, 96))
     font = ImageFont.load_default(size=72)
-    ImageDraw.Draw(canvas).text((48, 50), str(digit), fill=255, font=font, anchor="mm", stroke_width=5,
-                                stroke_fill=255)
+    ImageDraw.Draw(canvas).text((48, 50), str(digit), fill=255, font=font, anchor="mm", stroke_width=5, stroke_fill=255)
     glyph = canvas.crop(canvas.getbbox())
     side = int(max(glyph.size) * 1.1)
     square = Image.new("L", (side, side))
@@ -43,9 +42,13 @@ def draw_digit(digit: int, size: int = 32) -> Image.Image:
 
 def random_model_folder(folder: Path) -> Path:
     names = [str(i) for i in range(10)]
-    model, processor = load_model_and_processor(InternImageForImageClassification, "tiny", num_labels=10,
-                                                id2label=dict(enumerate(names)),
-                                                label2id={n: i for i, n in enumerate(names)})
+    model, processor = load_model_and_processor(
+        InternImageForImageClassification,
+        "tiny",
+        num_labels=10,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

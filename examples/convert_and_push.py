@@ -38,13 +38,17 @@ def check(folder: Path) -> str:
     with torch.no_grad():
         logits = model(pixel_values=torch.randn(1, 3, size, size)).logits
     top = model.config.id2label[int(logits.argmax())]
-    return (f"{type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters, {size}x{size} input, "
-            f"{model.config.num_labels} classes (random input -> {top!r})")
+    return (
+        f"{type(model).__name__}, {model.num_parameters() / 1e6:.1f}M parameters, {size}x{size} input, "
+        f"{model.config.num_labels} classes (random input -> {top!r})"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="official .pth file, OpenGVLab remote-code repo folder, or hf://owner/name[/file]")
+    parser.add_argument(
+        "source", help="official .pth file, OpenGVLab remote-code repo folder, or hf://owner/name[/file]"
+    )
     parser.add_argument("output_dir", help="folder to create")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--variant", help="t, s, b, l, xl, h or g (default: detected from the weights)")
@@ -56,8 +60,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        folder = convert(args.source, args.output_dir, variant=args.variant, official_config=args.official_config,
-                         overwrite=args.overwrite, model_id=args.push_to_hub)
+        folder = convert(
+            args.source,
+            args.output_dir,
+            variant=args.variant,
+            official_config=args.official_config,
+            overwrite=args.overwrite,
+            model_id=args.push_to_hub,
+        )
     except (ConversionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -45,15 +45,27 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     backbone_config, weights = backbone_config_and_weights(args.backbone, ["stage4"])
-    config = DetrConfig(backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False,
-                        num_labels=args.num_labels, d_model=args.d_model, encoder_layers=2, decoder_layers=2,
-                        encoder_ffn_dim=2 * args.d_model, decoder_ffn_dim=2 * args.d_model,
-                        encoder_attention_heads=4, decoder_attention_heads=4, num_queries=10)
+    config = DetrConfig(
+        backbone_config=backbone_config,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=args.num_labels,
+        d_model=args.d_model,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=2 * args.d_model,
+        decoder_ffn_dim=2 * args.d_model,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=10,
+    )
     model = DetrForObjectDetection(config).train()
     if weights is not None:  # pretrained InternImage trunk
         model.model.backbone.model.load_state_dict(weights)
-    print(f"DETR + InternImage backbone ({type(model.model.backbone.model).__name__}): "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(
+        f"DETR + InternImage backbone ({type(model.model.backbone.model).__name__}): "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
@@ -64,8 +76,10 @@ def main(argv=None) -> int:
         optimizer.step()
         optimizer.zero_grad()
         print(f"step {step}: loss {outputs.loss.item():.4f}")
-    print(f"logits {tuple(outputs.logits.shape)} (batch, queries, classes + 'no object'), "
-          f"pred_boxes {tuple(outputs.pred_boxes.shape)}")
+    print(
+        f"logits {tuple(outputs.logits.shape)} (batch, queries, classes + 'no object'), "
+        f"pred_boxes {tuple(outputs.pred_boxes.shape)}"
+    )
     return 0
 
 

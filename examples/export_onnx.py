@@ -32,19 +32,26 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="example input size (default: the model's)")
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--check-sizes", type=size, nargs="+", default=[(64, 64), (96, 80)],
-                        help="input sizes HxW compared with PyTorch in onnxruntime")
+    parser.add_argument(
+        "--check-sizes",
+        type=size,
+        nargs="+",
+        default=[(64, 64), (96, 80)],
+        help="input sizes HxW compared with PyTorch in onnxruntime",
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     if args.backbone:
-        model, _ = load_model_and_processor(InternImageBackbone, args.model,
-                                            out_features=["stage1", "stage2", "stage3", "stage4"])
+        model, _ = load_model_and_processor(
+            InternImageBackbone, args.model, out_features=["stage1", "stage2", "stage3", "stage4"]
+        )
     else:
         model, _ = load_model_and_processor(InternImageForImageClassification, args.model)
     model.eval()
-    path = export_onnx(model, args.output, image_size=args.image_size, opset_version=args.opset,
-                       dynamo=args.exporter == "dynamo")
+    path = export_onnx(
+        model, args.output, image_size=args.image_size, opset_version=args.opset, dynamo=args.exporter == "dynamo"
+    )
     print(f"exported {type(model).__name__} to {path} ({path.stat().st_size / 1e6:.1f} MB, {args.exporter} exporter)")
     for record in validate_onnx(path, model, args.check_sizes):
         height, width = record["image_size"]

@@ -25,8 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny", help=f"folder, Hub id or preset ({', '.join(model_presets())})")
     parser.add_argument("--image", default=None, help="image file (default: random pixels)")
     parser.add_argument("--image-size", type=int, default=None, help="resize/crop size (default: the model's)")
-    parser.add_argument("--out-features", nargs="+", default=["stage1", "stage2", "stage3", "stage4"],
-                        help="which of stem, stage1..stage4 to return")
+    parser.add_argument(
+        "--out-features",
+        nargs="+",
+        default=["stage1", "stage2", "stage3", "stage4"],
+        help="which of stem, stage1..stage4 to return",
+    )
     args = parser.parse_args(argv)
 
     if args.image:
@@ -35,8 +39,9 @@ def main(argv=None) -> int:
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
 
     torch.manual_seed(0)  # presets are randomly initialised: the same seed gives both models the same trunk
-    backbone, processor = load_model_and_processor(InternImageBackbone, args.model, image_size=args.image_size,
-                                                   out_features=args.out_features)
+    backbone, processor = load_model_and_processor(
+        InternImageBackbone, args.model, image_size=args.image_size, out_features=args.out_features
+    )
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         feature_maps = backbone.eval()(pixel_values=pixel_values).feature_maps

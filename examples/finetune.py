@@ -39,21 +39,32 @@ from internimage_hf.training import (
 
 # transformers 5.23 renamed TrainingArguments.gradient_checkpointing (now a deprecated alias) to
 # activation_checkpointing; use whichever this version has.
-CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-                     else "gradient_checkpointing")
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="image folder, save_to_disk folder or Hub data set name "
-                                                "(default: write a synthetic image folder into OUTPUT_DIR/data)")
-    p.add_argument("--model", default="tiny", help=f"save_pretrained folder, Hub id, or preset: "
-                                                   f"{', '.join(model_presets())} (default: tiny)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="image folder, save_to_disk folder or Hub data set name "
+        "(default: write a synthetic image folder into OUTPUT_DIR/data)",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help=f"save_pretrained folder, Hub id, or preset: {', '.join(model_presets())} (default: tiny)",
+    )
     p.add_argument("--output-dir", default="outputs/finetune")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument("--epochs", type=float, default=2)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides "
-                                                              "--epochs)")
+    p.add_argument(
+        "--max-steps", type=int, default=-1, help="stop after this many optimizer steps (overrides --epochs)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -62,12 +73,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay (official fine-tunes: 0.9)")
     p.add_argument("--dcn-lr-mul", type=float, default=None, help="extra LR factor for DCNv3 offsets (official: 0.1)")
     p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (official: T .1, S .4, ...)")
-    p.add_argument("--gradient-checkpointing", "--activation-checkpointing", action="store_true",
-                   help="recompute each block in backward (less memory, ~30%% more time)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block in backward (less memory, ~30%% more time)",
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or GPU)")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the model (inductor)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out part when the data has no "
-                                                                   "validation/test split (0: none)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="held-out part when the data has no validation/test split (0: none)",
+    )
     p.add_argument("--logging-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -142,9 +161,13 @@ def main(argv=None) -> int:
     overrides = dict(num_labels=len(names), id2label=id2label, label2id={n: i for i, n in id2label.items()})
     if args.drop_path is not None:
         overrides["drop_path_rate"] = args.drop_path
-    model, processor = load_model_and_processor(InternImageForImageClassification, args.model,
-                                                image_size=args.image_size, ignore_mismatched_sizes=True,
-                                                **overrides)
+    model, processor = load_model_and_processor(
+        InternImageForImageClassification,
+        args.model,
+        image_size=args.image_size,
+        ignore_mismatched_sizes=True,
+        **overrides,
+    )
     transform = image_classification_transform(processor, image_column, label_column)
     trainer = InternImageTrainer(
         model=model,
@@ -164,10 +187,13 @@ def main(argv=None) -> int:
     trainer.save_model()  # model + image processor into OUTPUT_DIR; only the main process writes
     trainer.save_state()  # trainer_state.json with the loss history (main process)
     if trainer.is_world_process_zero():
-        (output_dir / "finetune_results.json").write_text(json.dumps(
-            {"metrics": metrics, "world_size": training_args.world_size, "labels": names}, indent=2) + "\n")
-        print(f"saved the fine-tuned model to {output_dir} (world size {training_args.world_size}); "
-              + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        (output_dir / "finetune_results.json").write_text(
+            json.dumps({"metrics": metrics, "world_size": training_args.world_size, "labels": names}, indent=2) + "\n"
+        )
+        print(
+            f"saved the fine-tuned model to {output_dir} (world size {training_args.world_size}); "
+            + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        )
     return 0
 
 

@@ -40,8 +40,12 @@ def synthetic_batch(batch_size: int, size: int, num_labels: int, generator: torc
 
 def build_model(backbone: str, num_labels: int, hidden_size: int) -> UperNetForSemanticSegmentation:
     backbone_config, weights = backbone_config_and_weights(backbone, STAGES)
-    config = UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, hidden_size=hidden_size,
-                           auxiliary_channels=hidden_size // 2)
+    config = UperNetConfig(
+        backbone_config=backbone_config,
+        num_labels=num_labels,
+        hidden_size=hidden_size,
+        auxiliary_channels=hidden_size // 2,
+    )
     model = UperNetForSemanticSegmentation(config)
     if weights is not None:  # pretrained InternImage trunk
         model.backbone.load_state_dict(weights)
@@ -65,8 +69,10 @@ def main(argv=None) -> int:
     model = build_model(args.backbone, args.num_labels, args.hidden_size).train()
     backbone_params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
     total_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"UperNet + InternImage backbone: {total_params:.2f}M parameters ({backbone_params:.2f}M in the backbone; "
-          f"stage channels {model.backbone.channels})")
+    print(
+        f"UperNet + InternImage backbone: {total_params:.2f}M parameters ({backbone_params:.2f}M in the backbone; "
+        f"stage channels {model.backbone.channels})"
+    )
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, args.lr, 0.05, layer_decay=args.layer_decay))
     generator = torch.Generator().manual_seed(0)
     for step in range(1, args.steps + 1):
@@ -76,8 +82,10 @@ def main(argv=None) -> int:
         optimizer.step()
         optimizer.zero_grad()
         print(f"step {step}: loss {outputs.loss.item():.4f}")
-    print(f"logits {tuple(outputs.logits.shape)} (batch, classes, height, width) for pixel_values "
-          f"{tuple(pixel_values.shape)}")
+    print(
+        f"logits {tuple(outputs.logits.shape)} (batch, classes, height, width) for pixel_values "
+        f"{tuple(pixel_values.shape)}"
+    )
 
     model.eval()
     with torch.no_grad():
@@ -86,8 +94,10 @@ def main(argv=None) -> int:
     print(f"pixel accuracy on a new synthetic batch: {(prediction == labels).float().mean().item():.3f}")
     if args.output_dir:
         model.save_pretrained(args.output_dir)
-        print(f"saved to {args.output_dir} (reload with UperNetForSemanticSegmentation.from_pretrained after "
-              f"`import internimage_hf`)")
+        print(
+            f"saved to {args.output_dir} (reload with UperNetForSemanticSegmentation.from_pretrained after "
+            f"`import internimage_hf`)"
+        )
     return 0
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from internimage_hf.ops import loader
-from internimage_hf.utils import relative_error
 from internimage_hf.ops.build import build_kernels
+from internimage_hf.utils import relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 # Official parity fixtures, inside the repository (tests/fixtures/README.md); INTERNIMAGE_FIXTURES overrides.

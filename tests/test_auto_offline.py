@@ -21,8 +21,12 @@ from internimage_hf import InternImageConfig, InternImageForImageClassification,
 
 NETWORKS = {
     "offline": {"HF_HUB_OFFLINE": "1"},
-    "unreachable": {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
-                    "HF_HUB_DOWNLOAD_TIMEOUT": "2"},
+    "unreachable": {
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    },
 }
 
 CHECKS = {
@@ -72,8 +76,9 @@ CHECKS = {
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
-    config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], image_size=64,
-                               id2label={0: "cat", 1: "dog", 2: "fish"})
+    config = InternImageConfig(
+        channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], image_size=64, id2label={0: "cat", 1: "dog", 2: "fish"}
+    )
     model = InternImageForImageClassification(config).eval()
     folder = tmp_path_factory.mktemp("auto") / "model"
     model.save_pretrained(folder)
@@ -102,19 +107,26 @@ def test_auto_classes_load_local_folders_without_the_hub(saved, check, network, 
         torch.set_grad_enabled(False)
     """) + textwrap.dedent(CHECKS[check])
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(NETWORKS[network], HF_HOME=str(tmp_path / "hf-home"), INTERNIMAGE_DCNV3_BACKEND="reference",
-               PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", script, str(folder), str(data)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env.update(
+        NETWORKS[network],
+        HF_HOME=str(tmp_path / "hf-home"),
+        INTERNIMAGE_DCNV3_BACKEND="reference",
+        PYTHONWARNINGS="ignore",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(data)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (tmp_path / "hf-home").exists() or not any((tmp_path / "hf-home").rglob("*.json")), \
+    assert not (tmp_path / "hf-home").exists() or not any((tmp_path / "hf-home").rglob("*.json")), (
         "nothing may be fetched or cached from the Hub"
+    )
 
 
 def test_checks_cover_every_auto_class_the_readme_names():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in ("AutoBackbone", "AutoModelForImageClassification", "pipeline"):
         assert name in readme
-    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone", "AutoImageProcessor"} <= \
-        set(CHECKS)
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoBackbone", "AutoImageProcessor"} <= set(
+        CHECKS
+    )
     json.dumps(NETWORKS)  # the environments are plain strings (subprocess env)

@@ -20,8 +20,26 @@ def load_bench():
 def test_quick_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "result.json"
-    code = bench.main(["--quick", "--tiny", "--size", "64", "--impls", "reference", "free-op", "--batch", "1", "2",
-                       "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "plot.png")])
+    code = bench.main(
+        [
+            "--quick",
+            "--tiny",
+            "--size",
+            "64",
+            "--impls",
+            "reference",
+            "free-op",
+            "--batch",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "plot.png"),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert {"device", "torch", "rows"} <= set(result)
@@ -46,9 +64,17 @@ def test_same_run_ratios_and_the_free_op_bound():
     from internimage_hf.ops import DCNv3Core
 
     bench = load_bench()
-    rows = [{"model": "internimage-t", "impl": impl, "mode": "inference", "batch": 8, "dtype": "float32",
-             "img_per_s": value} for impl, value in (("compiled", 30.0), ("reference", 10.0), ("official", 8.0),
-                                                     ("free-op", 36.0))]
+    rows = [
+        {
+            "model": "internimage-t",
+            "impl": impl,
+            "mode": "inference",
+            "batch": 8,
+            "dtype": "float32",
+            "img_per_s": value,
+        }
+        for impl, value in (("compiled", 30.0), ("reference", 10.0), ("official", 8.0), ("free-op", 36.0))
+    ]
     text = bench.impl_ratios({"rows": rows})
     assert "compiled / reference 3.00×" in text and "compiled / official 3.75×" in text
     assert "free-op / reference 3.60×" in text and "free-op / official 4.50×" in text

@@ -46,8 +46,13 @@ print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
 def test_help_answers_quickly_without_torch(command):
     script = console_script()
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PROBE, str(script), *command, "--help"], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(script), *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     wall = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -59,12 +64,19 @@ def test_help_answers_quickly_without_torch(command):
 
 
 def test_module_entry_point_help_is_light():
-    probe = ("import runpy, sys\nsys.argv = ['internimage_hf', '--help']\ntry:\n"
-             "    runpy.run_module('internimage_hf', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print('HEAVY', 'torch' in sys.modules)")
+    probe = (
+        "import runpy, sys\nsys.argv = ['internimage_hf', '--help']\ntry:\n"
+        "    runpy.run_module('internimage_hf', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', 'torch' in sys.modules)"
+    )
     # `python -m internimage_hf` is recognised from the interpreter's own command line, so run it for real
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "internimage_hf", "--help"],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "internimage_hf", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0 and "usage: internimage-hf" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "transformers" not in imported
@@ -87,10 +99,11 @@ print("registered", "internimage" in CONFIG_MAPPING and internimage_hf._loaded)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert "deferred True" in result.stdout and "registered True" in result.stdout, result.stderr[-2000:]
-    eager_code = ("import internimage_hf\nfrom transformers import CONFIG_MAPPING\n"
-                  "print('registered', 'internimage' in CONFIG_MAPPING)")
-    eager = subprocess.run([sys.executable, "-c", eager_code],
-                           capture_output=True, text=True, timeout=120, check=False)
+    eager_code = (
+        "import internimage_hf\nfrom transformers import CONFIG_MAPPING\n"
+        "print('registered', 'internimage' in CONFIG_MAPPING)"
+    )
+    eager = subprocess.run([sys.executable, "-c", eager_code], capture_output=True, text=True, timeout=120, check=False)
     assert "registered True" in eager.stdout, eager.stderr[-2000:]
 
 
@@ -106,8 +119,10 @@ def test_demo_without_the_train_extra_says_which_extra(monkeypatch, tmp_path, ca
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli_main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 1
     line = one_line(capsys)
-    assert line == ("internimage-hf demo: error: internimage-hf demo needs scikit-learn, matplotlib, which are not "
-                    "installed: pip install 'internimage-hf[train]'")
+    assert line == (
+        "internimage-hf demo: error: internimage-hf demo needs scikit-learn, matplotlib, which are not "
+        "installed: pip install 'internimage-hf[train]'"
+    )
     assert not (tmp_path / "demo").exists()
 
 
@@ -153,16 +168,19 @@ def test_build_kernels_says_reused(monkeypatch, capsys):
 def test_build_kernels_shows_progress_and_says_built(monkeypatch, capsys):
     from internimage_hf.ops import build
 
-    steps = [("compile", 0.0)] + [("compile", float(s)) for s in range(1, 40)] + [("smoke-test", 0.0),
-                                                                                   ("install", 0.0)]
+    steps = [("compile", 0.0)] + [("compile", float(s)) for s in range(1, 40)] + [("smoke-test", 0.0), ("install", 0.0)]
     monkeypatch.setattr(build, "build_kernels", fake_build(steps))
     monkeypatch.setattr(cli.shutil, "which", lambda name: "/usr/bin/ninja")
     assert cli_main(["build-kernels"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("Built the DCNv3 kernel in ") and "/cache/build/torch-cpu" in captured.out
-    assert captured.err.splitlines() == ["compiling the DCNv3 kernel (about a minute)...", "  still compiling: 15 s",
-                                         "  still compiling: 30 s", "testing the new build...",
-                                         "installing the build..."]
+    assert captured.err.splitlines() == [
+        "compiling the DCNv3 kernel (about a minute)...",
+        "  still compiling: 15 s",
+        "  still compiling: 30 s",
+        "testing the new build...",
+        "installing the build...",
+    ]
 
 
 def test_build_kernels_without_ninja_names_the_extra(monkeypatch, capsys):
@@ -172,14 +190,22 @@ def test_build_kernels_without_ninja_names_the_extra(monkeypatch, capsys):
     monkeypatch.setattr(cli.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "ninja", None)
     assert cli_main(["build-kernels"]) == 1
-    assert one_line(capsys) == ("internimage-hf build-kernels: error: compiling the DCNv3 kernel needs ninja, which is "
-                                "not installed: pip install 'internimage-hf[kernels]'")
+    assert one_line(capsys) == (
+        "internimage-hf build-kernels: error: compiling the DCNv3 kernel needs ninja, which is "
+        "not installed: pip install 'internimage-hf[kernels]'"
+    )
 
 
 def test_build_runner_ticks_while_the_child_runs(tmp_path):
     from internimage_hf.ops.build import _run
 
     ticks = []
-    out = _run([sys.executable, "-c", "import time; time.sleep(1.2); print('done')"], False, "sleep",
-               tmp_path / "log", tick=ticks.append, tick_seconds=0.2)
+    out = _run(
+        [sys.executable, "-c", "import time; time.sleep(1.2); print('done')"],
+        False,
+        "sleep",
+        tmp_path / "log",
+        tick=ticks.append,
+        tick_seconds=0.2,
+    )
     assert out.strip() == "done" and len(ticks) >= 3 and ticks == sorted(ticks)

@@ -34,32 +34,42 @@ from .test_parity import tolerance
 # ------------------------------------------------------------------------------------------------ test-only inverse
 # The library has one forward mapping (official -> ours). Tests need official names for state dicts built from our
 # classes, so they invert it here; `official_state_dict` checks the round trip against the library's mapping.
-_INVERSE = [(re.compile(p), r) for p, r in [
-    (r"^internimage\.", ""),
-    (r"^embeddings\.conv([12])\.", r"patch_embed.conv\1."),
-    (r"^embeddings\.norm([12])\.", r"patch_embed.norm\1.1."),
-    (r"^encoder\.levels\.(\d+)\.layers\.(\d+)\.", r"levels.\1.blocks.\2."),
-    (r"(\.blocks\.\d+)\.norm([12])\.", r"\1.norm\2.0."),
-    (r"(\.blocks\.\d+)\.res_post_norm([12])\.", r"\1.res_post_norm\2.0."),
-    (r"\.dcn\.dw_conv\.conv\.", ".dcn.dw_conv.0."),
-    (r"\.dcn\.dw_conv\.norm\.", ".dcn.dw_conv.1.1."),
-    (r"\.dcn\.center_feature_scale_proj\.(weight|bias)$", r".dcn.center_feature_scale_proj_\1"),
-    (r"\.layer_scale([12])$", r".gamma\1"),
-    (r"^encoder\.levels\.(\d+)\.post_norms\.(\d+)\.", r"levels.\1.post_norms.\2.0."),
-    (r"^encoder\.levels\.(\d+)\.norm\.", r"levels.\1.norm.0."),
-    (r"^encoder\.levels\.(\d+)\.downsample\.conv\.", r"levels.\1.downsample.conv."),
-    (r"^encoder\.levels\.(\d+)\.downsample\.norm\.", r"levels.\1.downsample.norm.1."),
-    (r"^pooler\.conv\.", "conv_head.0."),
-    (r"^pooler\.stage4_proj\.", "dcnv3_head_x4.0."),
-    (r"^pooler\.stage3_proj\.", "dcnv3_head_x3."),
-    (r"^pooler\.attention\.norm_([qkv])\.", r"clip_projector.norm1_\1.0."),
-    (r"^pooler\.attention\.", "clip_projector.cross_dcn."),
-    (r"^classifier\.", "head."),
-]]
+_INVERSE = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"^internimage\.", ""),
+        (r"^embeddings\.conv([12])\.", r"patch_embed.conv\1."),
+        (r"^embeddings\.norm([12])\.", r"patch_embed.norm\1.1."),
+        (r"^encoder\.levels\.(\d+)\.layers\.(\d+)\.", r"levels.\1.blocks.\2."),
+        (r"(\.blocks\.\d+)\.norm([12])\.", r"\1.norm\2.0."),
+        (r"(\.blocks\.\d+)\.res_post_norm([12])\.", r"\1.res_post_norm\2.0."),
+        (r"\.dcn\.dw_conv\.conv\.", ".dcn.dw_conv.0."),
+        (r"\.dcn\.dw_conv\.norm\.", ".dcn.dw_conv.1.1."),
+        (r"\.dcn\.center_feature_scale_proj\.(weight|bias)$", r".dcn.center_feature_scale_proj_\1"),
+        (r"\.layer_scale([12])$", r".gamma\1"),
+        (r"^encoder\.levels\.(\d+)\.post_norms\.(\d+)\.", r"levels.\1.post_norms.\2.0."),
+        (r"^encoder\.levels\.(\d+)\.norm\.", r"levels.\1.norm.0."),
+        (r"^encoder\.levels\.(\d+)\.downsample\.conv\.", r"levels.\1.downsample.conv."),
+        (r"^encoder\.levels\.(\d+)\.downsample\.norm\.", r"levels.\1.downsample.norm.1."),
+        (r"^pooler\.conv\.", "conv_head.0."),
+        (r"^pooler\.stage4_proj\.", "dcnv3_head_x4.0."),
+        (r"^pooler\.stage3_proj\.", "dcnv3_head_x3."),
+        (r"^pooler\.attention\.norm_([qkv])\.", r"clip_projector.norm1_\1.0."),
+        (r"^pooler\.attention\.", "clip_projector.cross_dcn."),
+        (r"^classifier\.", "head."),
+    ]
+]
 # state_dict sizes of the official models (research notes §3, counted from the official code)
 OFFICIAL_KEY_COUNTS = {"t": 633, "s": 751, "b": 751, "l": 839, "xl": 883, "h": 1357, "g": 1295}
-OFFICIAL_PARAMS_1K = {"t": 29.92e6, "s": 50.08e6, "b": 97.46e6, "l": 223.33e6, "xl": 334.82e6, "h": 1089.6e6,
-                      "g": 3076.4e6}
+OFFICIAL_PARAMS_1K = {
+    "t": 29.92e6,
+    "s": 50.08e6,
+    "b": 97.46e6,
+    "l": 223.33e6,
+    "xl": 334.82e6,
+    "h": 1089.6e6,
+    "g": 3076.4e6,
+}
 
 
 def official_name(ours: str, clip: bool) -> str:
@@ -124,15 +134,25 @@ def test_every_official_release_is_detected_with_labels_resolution_and_card(rele
     if release.head == "1k":
         assert plan.config.id2label[0] == "tench, Tinca tinca"
 
-    facts = card_facts(plan, SourceInfo(release.source_file, [(release.source_file, "0" * 64)]),
-                       Verification(num_tensors=len(state)), model.num_parameters(), f"someone/{release.name}")
+    facts = card_facts(
+        plan,
+        SourceInfo(release.source_file, [(release.source_file, "0" * 64)]),
+        Verification(num_tensors=len(state)),
+        model.num_parameters(),
+        f"someone/{release.name}",
+    )
     (tmp_path / "README.md").write_text(render_card(facts))
     card = ModelCard.load(tmp_path / "README.md")
     meta = card.data.to_dict()
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-classification"
     assert meta["license"] == "mit" and "internimage" in meta["tags"]
-    assert meta["datasets"] == (["imagenet-21k"] if release.head == "22k" else
-                                ["imagenet-21k", "imagenet-1k"] if release.base else ["imagenet-1k"])
+    assert meta["datasets"] == (
+        ["imagenet-21k"]
+        if release.head == "22k"
+        else ["imagenet-21k", "imagenet-1k"]
+        if release.base
+        else ["imagenet-1k"]
+    )
     text = card.text
     assert f"InternImage-{release.variant.upper()}" in text and release.source_file in text
     assert f"{release.image_size}x{release.image_size}" in text
@@ -151,22 +171,34 @@ def test_every_official_release_is_detected_with_labels_resolution_and_card(rele
 
 def test_official_key_names_match_the_spec():
     names = set(official_state_dict(meta_model("h", 1000)))
-    for key in ("patch_embed.norm1.1.weight", "levels.0.blocks.0.dcn.dw_conv.1.1.weight",
-                "levels.0.blocks.0.res_post_norm1.0.weight", "levels.2.post_norms.4.0.bias",
-                "levels.0.blocks.0.dcn.center_feature_scale_proj_weight", "clip_projector.cross_dcn.q_bias",
-                "clip_projector.norm1_k.0.weight", "dcnv3_head_x4.0.weight", "fc_norm.0.weight", "head.weight"):
+    for key in (
+        "patch_embed.norm1.1.weight",
+        "levels.0.blocks.0.dcn.dw_conv.1.1.weight",
+        "levels.0.blocks.0.res_post_norm1.0.weight",
+        "levels.2.post_norms.4.0.bias",
+        "levels.0.blocks.0.dcn.center_feature_scale_proj_weight",
+        "clip_projector.cross_dcn.q_bias",
+        "clip_projector.norm1_k.0.weight",
+        "dcnv3_head_x4.0.weight",
+        "fc_norm.0.weight",
+        "head.weight",
+    ):
         assert key in names, key
     names = set(official_state_dict(meta_model("b", 1000)))
-    assert {"levels.3.blocks.3.gamma2", "conv_head.1.0.num_batches_tracked", "levels.2.downsample.norm.1.weight"} \
-        <= names
+    assert {
+        "levels.3.blocks.3.gamma2",
+        "conv_head.1.0.num_batches_tracked",
+        "levels.2.downsample.norm.1.weight",
+    } <= names
 
 
 def test_wrong_variant_is_explained():
     converted = convert_official_state_dict(official_state_dict(meta_model("b", 1000)))
     with pytest.raises(ConversionError) as info:
         plan_conversion(converted, variant="t")
-    assert str(info.value).startswith("state dict looks like InternImage-B (channels 112, depths 4,4,21,4) but "
-                                      "--variant t was given")
+    assert str(info.value).startswith(
+        "state dict looks like InternImage-B (channels 112, depths 4,4,21,4) but --variant t was given"
+    )
     assert plan_conversion(converted, variant="B").variant == "b"  # agreeing override is fine
 
 
@@ -219,8 +251,10 @@ def tiny_l_tolerance(fixtures_dir):
     """--tolerance for tiny_l's float32-chaotic outputs: test_parity's logits rule, and its 2e-4 stage limit."""
     from internimage_hf.convert import model_from_official, read_official_config
 
-    model = model_from_official(torch.load(fixtures_dir / "tiny_l" / "checkpoint.pth", weights_only=True)["model"],
-                                read_official_config(fixtures_dir / "tiny_l" / "official_config.json"))
+    model = model_from_official(
+        torch.load(fixtures_dir / "tiny_l" / "checkpoint.pth", weights_only=True)["model"],
+        read_official_config(fixtures_dir / "tiny_l" / "official_config.json"),
+    )
     expected = load_file(fixtures_dir / "tiny_l" / "expected.safetensors")
     return max(tolerance("tiny_l", model, expected["pixel_values"]), 2e-4)
 
@@ -228,8 +262,20 @@ def tiny_l_tolerance(fixtures_dir):
 def test_remote_code_repo_converts_and_verifies(fixtures_dir, tmp_path, tiny_l_tolerance, capsys):
     out = tmp_path / "plain"
     expected = fixtures_dir / "tiny_l" / "expected.safetensors"
-    assert cli_main(["convert", str(fixtures_dir / "tiny_l_remote_code_repo"), str(out), "--expected",
-                     str(expected), "--tolerance", str(tiny_l_tolerance)]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(fixtures_dir / "tiny_l_remote_code_repo"),
+                str(out),
+                "--expected",
+                str(expected),
+                "--tolerance",
+                str(tiny_l_tolerance),
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "Verified against expected.safetensors: relative errors logits" in stdout
     card = ModelCard.load(out / "README.md")
@@ -245,18 +291,30 @@ def test_sharded_remote_code_repo_converts(fixtures_dir, tmp_path, tiny_l_tolera
     shutil.copy(source / "config.json", sharded / "config.json")
     tensors = load_file(source / "model.safetensors")
     keys = sorted(tensors)
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": {}}
-    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
+    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), 1):
         name = f"model-{number:05d}-of-00002.safetensors"
         save_file({k: tensors[k].contiguous() for k in part}, sharded / name, metadata={"format": "pt"})
         index["weight_map"].update({k: name for k in part})
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
 
     out = tmp_path / "from_sharded"
-    assert cli_main(["convert", str(sharded), str(out), "--expected",
-                     str(fixtures_dir / "tiny_l" / "expected.safetensors"), "--tolerance", str(tiny_l_tolerance),
-                     "--max-shard-size", "1MB"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(sharded),
+                str(out),
+                "--expected",
+                str(fixtures_dir / "tiny_l" / "expected.safetensors"),
+                "--tolerance",
+                str(tiny_l_tolerance),
+                "--max-shard-size",
+                "1MB",
+            ]
+        )
+        == 0
+    )
     # the output is sharded too, and the same weights as converting the unsharded repo
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     card = ModelCard.load(out / "README.md").text
@@ -289,10 +347,16 @@ def test_output_loads_through_auto_classes_and_pipeline(imagenet_head_checkpoint
 
     source, official_config = imagenet_head_checkpoint
     out = tmp_path / "tiny-in1k"
-    assert cli_main(["convert", str(source), str(out), "--official-config", str(official_config),
-                     "--image-size", "64"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "preprocessor_config.json"]
+    assert (
+        cli_main(["convert", str(source), str(out), "--official-config", str(official_config), "--image-size", "64"])
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     config = AutoConfig.from_pretrained(out)
     assert config.num_labels == 1000 and config.id2label[1] == "goldfish, Carassius auratus"
     assert config.image_size == 64
@@ -309,8 +373,11 @@ def test_output_loads_through_auto_classes_and_pipeline(imagenet_head_checkpoint
 
     card = ModelCard.load(out / "README.md")
     meta = card.data.to_dict()
-    assert (meta["library_name"], meta["pipeline_tag"], meta["license"]) == ("transformers", "image-classification",
-                                                                             "mit")
+    assert (meta["library_name"], meta["pipeline_tag"], meta["license"]) == (
+        "transformers",
+        "image-classification",
+        "mit",
+    )
     assert meta["datasets"] == ["imagenet-1k"] and "tiny_t_in1k.pth (sha256" not in card.text
     assert "`tiny_t_in1k.pth` (sha256 `" in card.text and "64x64" in card.text
 
@@ -325,13 +392,37 @@ def test_labels_none_and_custom_file(imagenet_head_checkpoint, tmp_path):
     from transformers import AutoConfig
 
     source, official_config = imagenet_head_checkpoint
-    assert cli_main(["convert", str(source), str(tmp_path / "generic"), "--official-config", str(official_config),
-                     "--labels", "none"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(source),
+                str(tmp_path / "generic"),
+                "--official-config",
+                str(official_config),
+                "--labels",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert AutoConfig.from_pretrained(tmp_path / "generic").id2label[3] == "LABEL_3"
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"class {i}" for i in range(1000)))
-    assert cli_main(["convert", str(source), str(tmp_path / "named"), "--official-config", str(official_config),
-                     "--labels", str(names)]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(source),
+                str(tmp_path / "named"),
+                "--official-config",
+                str(official_config),
+                "--labels",
+                str(names),
+            ]
+        )
+        == 0
+    )
     assert AutoConfig.from_pretrained(tmp_path / "named").id2label[999] == "class 999"
     assert "datasets" not in ModelCard.load(tmp_path / "named" / "README.md").data.to_dict()
 
@@ -367,14 +458,28 @@ def fake_hub(monkeypatch):
 
 def test_push_to_hub_sends_repo_files_and_flags(fixtures_dir, tmp_path, fake_hub, capsys):
     out = tmp_path / "out"
-    assert cli_main(["convert", str(fixtures_dir / "tiny_l_remote_code_repo"), str(out), "--push-to-hub",
-                     "me/tiny-l", "--private", "--revision", "conversion", "--create-pr", "--commit-message",
-                     "Add converted tiny-l"]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(fixtures_dir / "tiny_l_remote_code_repo"),
+                str(out),
+                "--push-to-hub",
+                "me/tiny-l",
+                "--private",
+                "--revision",
+                "conversion",
+                "--create-pr",
+                "--commit-message",
+                "Add converted tiny-l",
+            ]
+        )
+        == 0
+    )
     assert "Pushed" in capsys.readouterr().out
     create, branch, upload = fake_hub.calls
     assert create == ("create_repo", "me/tiny-l", {"private": True, "exist_ok": True, "repo_type": "model"})
-    assert branch == ("create_branch", "me/tiny-l", {"branch": "conversion", "exist_ok": True,
-                                                     "repo_type": "model"})
+    assert branch == ("create_branch", "me/tiny-l", {"branch": "conversion", "exist_ok": True, "repo_type": "model"})
     assert upload[1] == "me/tiny-l"
     sent = upload[2]
     assert sent["folder_path"] == str(out) and sent["revision"] == "conversion" and sent["create_pr"] is True
@@ -388,8 +493,10 @@ def test_push_defaults_and_upload_failure(fixtures_dir, tmp_path, monkeypatch, c
     for name in ("create_repo", "create_branch", "upload_folder"):
         monkeypatch.setattr(HfApi, name, lambda self, *a, _n=name, **k: getattr(hub, _n)(*a, **k))
     out = tmp_path / "out"
-    assert cli_main(["convert", str(fixtures_dir / "tiny_l_remote_code_repo"), str(out), "--push-to-hub",
-                     "me/tiny-l"]) == 1
+    assert (
+        cli_main(["convert", str(fixtures_dir / "tiny_l_remote_code_repo"), str(out), "--push-to-hub", "me/tiny-l"])
+        == 1
+    )
     line = one_error_line(capsys)
     assert line.startswith("internimage-hf convert: error: upload of") and "401 Client Error" in line
     assert hub.calls == [("create_repo", "me/tiny-l", {"private": False, "exist_ok": True, "repo_type": "model"})]
@@ -403,20 +510,52 @@ def test_convert_all_with_push_progress_and_summary(fixtures_dir, tmp_path, fake
     raw = (fixtures_dir / "tiny_t" / "checkpoint.pth").read_bytes()
     truncated.write_bytes(raw[: len(raw) // 3])
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"org": "me", "source_repo": "OpenGVLab/InternImage", "entries": [
-        {"name": "tiny-t", "source": str(fixtures_dir / "tiny_t" / "checkpoint.pth"),
-         "official_config": str(fixtures_dir / "tiny_t" / "official_config.json"),
-         "expected": str(fixtures_dir / "tiny_t" / "expected.safetensors"), "repo_id": "{org}/tiny-t"},
-        {"name": "broken", "source": "broken.pth", "official_config": str(fixtures_dir / "tiny_t" /
-                                                                          "official_config.json")},
-        {"name": "not-downloadable", "source": "never_released_anywhere.pth"},
-        {"name": "tiny-l-repo", "source": str(fixtures_dir / "tiny_l_remote_code_repo"),
-         "expected": str(fixtures_dir / "tiny_l" / "expected.safetensors"), "tolerance": tiny_l_tolerance},
-        {"name": "skipped", "source": "whatever.pth"},
-    ]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "org": "me",
+                "source_repo": "OpenGVLab/InternImage",
+                "entries": [
+                    {
+                        "name": "tiny-t",
+                        "source": str(fixtures_dir / "tiny_t" / "checkpoint.pth"),
+                        "official_config": str(fixtures_dir / "tiny_t" / "official_config.json"),
+                        "expected": str(fixtures_dir / "tiny_t" / "expected.safetensors"),
+                        "repo_id": "{org}/tiny-t",
+                    },
+                    {
+                        "name": "broken",
+                        "source": "broken.pth",
+                        "official_config": str(fixtures_dir / "tiny_t" / "official_config.json"),
+                    },
+                    {"name": "not-downloadable", "source": "never_released_anywhere.pth"},
+                    {
+                        "name": "tiny-l-repo",
+                        "source": str(fixtures_dir / "tiny_l_remote_code_repo"),
+                        "expected": str(fixtures_dir / "tiny_l" / "expected.safetensors"),
+                        "tolerance": tiny_l_tolerance,
+                    },
+                    {"name": "skipped", "source": "whatever.pth"},
+                ],
+            }
+        )
+    )
     out = tmp_path / "converted"
-    code = cli_main(["convert-all", str(manifest), "--source-dir", str(data), "--output-root", str(out), "--push",
-                     "--only", "tiny-t,broken", "--only", "not-downloadable,tiny-l-repo"])
+    code = cli_main(
+        [
+            "convert-all",
+            str(manifest),
+            "--source-dir",
+            str(data),
+            "--output-root",
+            str(out),
+            "--push",
+            "--only",
+            "tiny-t,broken",
+            "--only",
+            "not-downloadable,tiny-l-repo",
+        ]
+    )
     assert code == 1
     captured = capsys.readouterr()
     rows = {line.split()[0]: line for line in captured.out.splitlines()[2:]}
@@ -430,29 +569,61 @@ def test_convert_all_with_push_progress_and_summary(fixtures_dir, tmp_path, fake
     assert "2 of 4 failed: broken, not-downloadable" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["tiny-l-repo", "tiny-t"]  # nothing partial for the failures
     uploads = [c for c in fake_hub.calls if c[0] == "upload_folder"]
-    assert [(c[1], c[2]["folder_path"]) for c in uploads] == [("me/tiny-t", str(out / "tiny-t")),
-                                                              ("me/tiny-l-repo", str(out / "tiny-l-repo"))]
+    assert [(c[1], c[2]["folder_path"]) for c in uploads] == [
+        ("me/tiny-t", str(out / "tiny-t")),
+        ("me/tiny-l-repo", str(out / "tiny-l-repo")),
+    ]
     assert "tiny-t" in uploads[0][2]["commit_message"]
 
     # a later run pushes what an earlier run converted, without converting again
     fake_hub.calls.clear()
     stamp = (out / "tiny-t" / "model.safetensors").stat().st_mtime_ns
-    assert cli_main(["convert-all", str(manifest), "--output-root", str(out), "--push", "--skip-existing",
-                     "--only", "tiny-t"]) == 0
+    assert (
+        cli_main(
+            ["convert-all", str(manifest), "--output-root", str(out), "--push", "--skip-existing", "--only", "tiny-t"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["tiny-t", "pushed"]
     assert (out / "tiny-t" / "model.safetensors").stat().st_mtime_ns == stamp
     assert [c[1] for c in fake_hub.calls if c[0] == "upload_folder"] == ["me/tiny-t"]
     # ... but not to a repo its card does not name
-    assert cli_main(["convert-all", str(manifest), "--output-root", str(out), "--push", "--skip-existing",
-                     "--only", "tiny-t", "--org", "other"]) == 1
+    assert (
+        cli_main(
+            [
+                "convert-all",
+                str(manifest),
+                "--output-root",
+                str(out),
+                "--push",
+                "--skip-existing",
+                "--only",
+                "tiny-t",
+                "--org",
+                "other",
+            ]
+        )
+        == 1
+    )
     assert "was converted for another repo id than other/tiny-t" in capsys.readouterr().out
 
 
 def test_convert_all_with_an_injected_api(fixtures_dir, tmp_path):
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps({"entries": [
-        {"name": "tiny-g", "source": str(fixtures_dir / "tiny_g" / "checkpoint.pth"), "repo_id": "me/tiny-g",
-         "official_config": str(fixtures_dir / "tiny_g" / "official_config.json")}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "entries": [
+                    {
+                        "name": "tiny-g",
+                        "source": str(fixtures_dir / "tiny_g" / "checkpoint.pth"),
+                        "repo_id": "me/tiny-g",
+                        "official_config": str(fixtures_dir / "tiny_g" / "official_config.json"),
+                    }
+                ]
+            }
+        )
+    )
     hub = FakeHub()
     results = convert_all(manifest, output_root=tmp_path / "out", push=True, private=True, api=hub)
     assert [(r.name, r.status) for r in results] == [("tiny-g", "pushed")]
@@ -487,8 +658,13 @@ def test_pickled_objects_refused_by_the_command(fixtures_dir, tmp_path, capsys):
     torch.save(checkpoint, risky)
     parent = tmp_path / "dst"
     parent.mkdir()
-    args = ["convert", str(risky), str(parent / "out"), "--official-config",
-            str(fixtures_dir / "tiny_t" / "official_config.json")]
+    args = [
+        "convert",
+        str(risky),
+        str(parent / "out"),
+        "--official-config",
+        str(fixtures_dir / "tiny_t" / "official_config.json"),
+    ]
     assert cli_main(args) == 1
     assert "--trust-pickle" in one_error_line(capsys)
     assert_nothing_left(parent)
@@ -525,8 +701,13 @@ def test_failed_verification_leaves_nothing(fixtures_dir, tmp_path, capsys):
     save_file(expected, wrong)
     parent = tmp_path / "dst"
     parent.mkdir()
-    args = ["convert", str(fixtures_dir / "tiny_t" / "checkpoint.pth"), str(parent / "out"), "--official-config",
-            str(fixtures_dir / "tiny_t" / "official_config.json")]
+    args = [
+        "convert",
+        str(fixtures_dir / "tiny_t" / "checkpoint.pth"),
+        str(parent / "out"),
+        "--official-config",
+        str(fixtures_dir / "tiny_t" / "official_config.json"),
+    ]
     assert cli_main(args + ["--expected", str(wrong)]) == 1
     line = one_error_line(capsys)
     assert "verification against wrong_expected.safetensors failed: relative errors logits" in line
@@ -547,8 +728,19 @@ def test_disk_error_while_saving_leaves_nothing(fixtures_dir, tmp_path, monkeypa
     out = parent / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous conversion")
-    assert cli_main(["convert", str(fixtures_dir / "tiny_t" / "checkpoint.pth"), str(out), "--official-config",
-                     str(fixtures_dir / "tiny_t" / "official_config.json"), "--overwrite"]) == 1
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(fixtures_dir / "tiny_t" / "checkpoint.pth"),
+                str(out),
+                "--official-config",
+                str(fixtures_dir / "tiny_t" / "official_config.json"),
+                "--overwrite",
+            ]
+        )
+        == 1
+    )
     assert "No space left on device" in one_error_line(capsys)
     assert sorted(p.name for p in parent.iterdir()) == ["out"]  # no temp folder
     assert (out / "keep.txt").read_text() == "previous conversion"  # the old output survives a failed overwrite
@@ -563,8 +755,10 @@ def test_hub_source_offline_is_one_line(tmp_path, capsys):
     # without hf:// it is a local path, and a missing one is an error (never a Hub lookup)
     assert cli_main(["convert", "nobody-here/no-such-internimage", str(out)]) == 1
     line = one_error_line(capsys)
-    assert line.endswith("nobody-here/no-such-internimage: no such file or folder (a Hugging Face Hub source is "
-                         "written hf://nobody-here/no-such-internimage)")
+    assert line.endswith(
+        "nobody-here/no-such-internimage: no such file or folder (a Hugging Face Hub source is "
+        "written hf://nobody-here/no-such-internimage)"
+    )
     assert not out.exists()
 
 
@@ -572,8 +766,9 @@ def test_sharded_index_with_missing_shard(fixtures_dir, tmp_path, capsys):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(fixtures_dir / "tiny_l_remote_code_repo" / "config.json", repo)
-    (repo / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.head.weight": "model-00001-of-00002.safetensors"}}))
+    (repo / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.head.weight": "model-00001-of-00002.safetensors"}})
+    )
     assert cli_main(["convert", str(repo), str(tmp_path / "out")]) == 1
     assert "lists shards that are not there: model-00001-of-00002.safetensors" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()

@@ -92,8 +92,12 @@ def test_existing_output_is_refused_unless_overwrite(tiny_t, tmp_path):
     assert run_convert(tiny_t[0], out, "--official-config", tiny_t[1]) == 1
     assert (out / "keep.txt").read_text() == "mine"
     assert run_convert(tiny_t[0], out, "--official-config", tiny_t[1], "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 
@@ -114,8 +118,20 @@ def test_variant_or_config_required(tiny_t, tmp_path):
 
 def test_console_script_and_module_entry_points(tiny_t, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "internimage_hf", "convert", str(tiny_t[0]), str(out),
-                             "--official-config", str(tiny_t[1])], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "internimage_hf",
+            "convert",
+            str(tiny_t[0]),
+            str(out),
+            "--official-config",
+            str(tiny_t[1]),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "internimage" and config["architectures"] == ["InternImageForImageClassification"]

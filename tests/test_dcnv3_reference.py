@@ -16,12 +16,19 @@ def op_cases(fixtures_dir):
     for i in range(5):
         p = cases[f"case{i}.params"].tolist()
         args = p[:10] + [cases[f"case{i}.offset_scale"].item(), p[10]]
-        yield i, cases[f"case{i}.input"], cases[f"case{i}.offset"], cases[f"case{i}.mask"], args, cases[
-            f"case{i}.output"]
+        yield (
+            i,
+            cases[f"case{i}.input"],
+            cases[f"case{i}.offset"],
+            cases[f"case{i}.mask"],
+            args,
+            cases[f"case{i}.output"],
+        )
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
-                                        (torch.float16, 5e-3)])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)]
+)
 def test_official_op_cases(fixtures_dir, dtype, tol):
     for i, x, offset, mask, args, expected in op_cases(fixtures_dir):
         out = dcnv3_core_reference(x.to(dtype), offset.to(dtype), mask.to(dtype), *args)
@@ -40,8 +47,20 @@ def test_dispatcher_backends_match_official_float64(request, fixtures_dir, backe
         assert rel_err(out, expected) < 1e-12, f"case {i}: {rel_err(out, expected):.3g}"
 
 
-def random_case(n=2, h=5, w=6, group=2, group_channels=3, k=3, stride=1, pad=1, dilation=1, remove_center=0,
-                dtype=torch.float64, seed=0):
+def random_case(
+    n=2,
+    h=5,
+    w=6,
+    group=2,
+    group_channels=3,
+    k=3,
+    stride=1,
+    pad=1,
+    dilation=1,
+    remove_center=0,
+    dtype=torch.float64,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     points = k * k - remove_center
     h_out = (h + 2 * pad - (dilation * (k - 1) + 1)) // stride + 1
@@ -53,20 +72,24 @@ def random_case(n=2, h=5, w=6, group=2, group_channels=3, k=3, stride=1, pad=1, 
     return x, offset, mask, args
 
 
-@pytest.mark.parametrize("params", [
-    dict(),
-    dict(stride=2, pad=1),
-    dict(k=5, pad=2, dilation=1, remove_center=1),
-    dict(k=3, pad=2, dilation=2),
-    dict(k=1, pad=0, group=3, group_channels=2),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(stride=2, pad=1),
+        dict(k=5, pad=2, dilation=1, remove_center=1),
+        dict(k=3, pad=2, dilation=2),
+        dict(k=1, pad=0, group=3, group_channels=2),
+    ],
+)
 def test_gradcheck_float64(params):
     x, offset, mask, args = random_case(n=1, h=4, w=5, **params)
     # Keep samples away from integer pixel positions, where bilinear weights have kinks.
     offset = offset + 0.37
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, offset, mask))
-    assert torch.autograd.gradcheck(lambda a, b, c: dcnv3_core_reference(a, b, c, *args), inputs, eps=1e-6,
-                                    atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: dcnv3_core_reference(a, b, c, *args), inputs, eps=1e-6, atol=1e-5, rtol=1e-4
+    )
 
 
 def exact_pixel_reference(x, offset, mask, k, _, stride, __, pad, ___, dil, ____, group, gc, scale, rc):
@@ -88,22 +111,32 @@ def exact_pixel_reference(x, offset, mask, k, _, stride, __, pad, ___, dil, ____
                                 continue
                             dx = offset[b, ho, wo, g * points * 2 + p * 2].item()
                             dy = offset[b, ho, wo, g * points * 2 + p * 2 + 1].item()
-                            lx = wo * stride - pad + (dil * (k - 1)) // 2 + (i * dil - (dil * (k - 1)) // 2 + dx) * scale
-                            ly = ho * stride - pad + (dil * (k - 1)) // 2 + (j * dil - (dil * (k - 1)) // 2 + dy) * scale
+                            lx = (
+                                wo * stride - pad + (dil * (k - 1)) // 2 + (i * dil - (dil * (k - 1)) // 2 + dx) * scale
+                            )
+                            ly = (
+                                ho * stride - pad + (dil * (k - 1)) // 2 + (j * dil - (dil * (k - 1)) // 2 + dy) * scale
+                            )
                             x0, y0 = int(torch.floor(torch.tensor(lx))), int(torch.floor(torch.tensor(ly)))
                             fx, fy = lx - x0, ly - y0
                             val = torch.zeros(gc, dtype=torch.float64)
-                            for yy, xx, wgt in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
-                                                (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
+                            for yy, xx, wgt in (
+                                (y0, x0, (1 - fy) * (1 - fx)),
+                                (y0, x0 + 1, (1 - fy) * fx),
+                                (y0 + 1, x0, fy * (1 - fx)),
+                                (y0 + 1, x0 + 1, fy * fx),
+                            ):
                                 if 0 <= yy < h and 0 <= xx < w:
-                                    val += wgt * xs[b, yy, xx, g * gc:(g + 1) * gc]
-                            out[b, ho, wo, g * gc:(g + 1) * gc] += mask[b, ho, wo, g * points + p].item() * val
+                                    val += wgt * xs[b, yy, xx, g * gc : (g + 1) * gc]
+                            out[b, ho, wo, g * gc : (g + 1) * gc] += mask[b, ho, wo, g * points + p].item() * val
                             p += 1
     return out
 
 
-@pytest.mark.parametrize("params", [dict(), dict(stride=2), dict(k=5, pad=2, remove_center=1),
-                                    dict(dilation=2, pad=2, group=1, group_channels=4)])
+@pytest.mark.parametrize(
+    "params",
+    [dict(), dict(stride=2), dict(k=5, pad=2, remove_center=1), dict(dilation=2, pad=2, group=1, group_channels=4)],
+)
 def test_matches_independent_loop(params):
     """The SPEC formula written as plain loops: agreement to the float32 rounding of the fixed grid (< 1e-6 px)."""
     x, offset, mask, args = random_case(**params)
@@ -128,12 +161,15 @@ def test_no_nans_for_huge_offsets():
     assert out.abs().max() == 0
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(x=torch.randn(2, 5, 6)), "channels-last"),
-    (dict(group=5), "group \\* group_channels"),
-    (dict(offset=torch.randn(2, 5, 6, 7)), "offset must have shape"),
-    (dict(mask=torch.randn(2, 5, 6, 3)), "mask must have shape"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(x=torch.randn(2, 5, 6)), "channels-last"),
+        (dict(group=5), "group \\* group_channels"),
+        (dict(offset=torch.randn(2, 5, 6, 7)), "offset must have shape"),
+        (dict(mask=torch.randn(2, 5, 6, 3)), "mask must have shape"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(bad, message):
     x, offset, mask, args = random_case()
     x, offset, mask = bad.get("x", x), bad.get("offset", offset), bad.get("mask", mask)

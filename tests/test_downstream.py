@@ -17,8 +17,12 @@ def backbone_config(**overrides) -> InternImageConfig:
 
 def tiny_upernet(num_labels: int = 5) -> UperNetForSemanticSegmentation:
     torch.manual_seed(0)
-    config = UperNetConfig(backbone_config=backbone_config(out_features=STAGES), num_labels=num_labels,
-                           hidden_size=32, auxiliary_channels=16)
+    config = UperNetConfig(
+        backbone_config=backbone_config(out_features=STAGES),
+        num_labels=num_labels,
+        hidden_size=32,
+        auxiliary_channels=16,
+    )
     return UperNetForSemanticSegmentation(config)
 
 
@@ -69,15 +73,26 @@ def test_upernet_with_internimage_backbone_saves_and_reloads(tmp_path):
 
 def test_detr_with_internimage_backbone_forward_backward():
     torch.manual_seed(0)
-    config = DetrConfig(backbone_config=backbone_config(out_features=["stage4"]), use_timm_backbone=False,
-                        use_pretrained_backbone=False, num_labels=3, d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
-                        num_queries=5)
+    config = DetrConfig(
+        backbone_config=backbone_config(out_features=["stage4"]),
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        num_labels=3,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=5,
+    )
     model = DetrForObjectDetection(config).train()
     assert isinstance(model.model.backbone.model, InternImageBackbone)
-    labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])},
-              {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
-                                                                            [0.7, 0.6, 0.3, 0.2]])}]
+    labels = [
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])},
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])},
+    ]
     outputs = model(pixel_values=torch.randn(2, 3, 64, 64), labels=labels)
     assert outputs.logits.shape == (2, 5, 4) and outputs.pred_boxes.shape == (2, 5, 4)
     outputs.loss.backward()

@@ -29,10 +29,16 @@ def load_example(name: str):
 def run_script(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run `python ARGS` offline in tmp_path; on a timeout the whole process group (torchrun's workers too) is
     killed."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
-               OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -51,9 +57,27 @@ def logged_losses(output_dir: Path) -> list[float]:
 def test_finetune_on_two_cpu_processes_with_torchrun(tmp_path):
     data = make_synthetic_image_folder(tmp_path / "images", images_per_class=20, size=40)
     out = tmp_path / "run"
-    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(EXAMPLES / "finetune.py"), "--data", str(data), "--output-dir", str(out), "--epochs", "4",
-                "--batch-size", "4", "--val-fraction", "0.2"], tmp_path)
+    run_script(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLES / "finetune.py"),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "4",
+            "--batch-size",
+            "4",
+            "--val-fraction",
+            "0.2",
+        ],
+        tmp_path,
+    )
     results = json.loads((out / "finetune_results.json").read_text())
     assert results["world_size"] == 2
     losses = logged_losses(out)
@@ -107,8 +131,9 @@ def test_fsdp2_shards_internimage_layers_and_keeps_layer_decay(tmp_path):
     """The sharding examples/accelerate/fsdp.yaml configures (one unit per InternImageLayer), on 2 CPU processes."""
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
-    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-               tmp_path)
+    run_script(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)], tmp_path
+    )
     for rank in (0, 1):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record["sharded"] == "DTensor"
@@ -121,14 +146,37 @@ def test_finetune_options_single_process(tmp_path):
     from internimage_hf import InternImageConfig, InternImageForImageClassification
 
     pretrained = tmp_path / "pretrained"
-    InternImageForImageClassification(InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8],
-                                                        num_labels=10, image_size=32)).save_pretrained(pretrained)
-    data = make_synthetic_image_folder(tmp_path / "images", images_per_class=8, size=32,
-                                       classes=("red", "green", "blue"))
+    InternImageForImageClassification(
+        InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=10, image_size=32)
+    ).save_pretrained(pretrained)
+    data = make_synthetic_image_folder(
+        tmp_path / "images", images_per_class=8, size=32, classes=("red", "green", "blue")
+    )
     out = tmp_path / "run"
-    run_script([str(EXAMPLES / "finetune.py"), "--data", str(data), "--model", str(pretrained), "--output-dir",
-                str(out), "--max-steps", "3", "--batch-size", "4", "--layer-decay", "0.8", "--dcn-lr-mul", "0.1",
-                "--drop-path", "0.1", "--gradient-checkpointing", "--bf16"], tmp_path)
+    run_script(
+        [
+            str(EXAMPLES / "finetune.py"),
+            "--data",
+            str(data),
+            "--model",
+            str(pretrained),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--layer-decay",
+            "0.8",
+            "--dcn-lr-mul",
+            "0.1",
+            "--drop-path",
+            "0.1",
+            "--gradient-checkpointing",
+            "--bf16",
+        ],
+        tmp_path,
+    )
     config = json.loads((out / "config.json").read_text())
     assert len(config["id2label"]) == 3  # the 10-class head was replaced
     assert config["drop_path_rate"] == 0.1
@@ -183,8 +231,12 @@ def test_convert_and_push_example_dry_run_and_push(tmp_path, capsys, monkeypatch
     assert example.main(args) == 0
     printed = capsys.readouterr().out
     assert "dry run" in printed and "model.safetensors" in printed
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json",
-                                               "README.md"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+    }
 
     calls = []
 
@@ -207,8 +259,7 @@ def test_convert_and_push_example_dry_run_and_push(tmp_path, capsys, monkeypatch
 
 def test_accelerate_configs_parse_and_name_the_fsdp_unit():
     yaml = pytest.importorskip("yaml")
-    from internimage_hf import InternImagePreTrainedModel
-    from internimage_hf import modeling_internimage
+    from internimage_hf import InternImagePreTrainedModel, modeling_internimage
 
     ddp = yaml.safe_load((EXAMPLES / "accelerate" / "ddp.yaml").read_text())
     fsdp = yaml.safe_load((EXAMPLES / "accelerate" / "fsdp.yaml").read_text())

@@ -96,8 +96,10 @@ def test_fast_paths_see_an_onnx_export_in_progress(monkeypatch):
     from internimage_hf.modeling_internimage import _tracing
 
     assert not _tracing() and not torch.onnx.is_in_onnx_export()
-    globals_module = pytest.importorskip("torch.onnx._internal.torchscript_exporter._globals",
-                                         reason="torch moved its ONNX flags: _tracing uses the public check then")
+    globals_module = pytest.importorskip(
+        "torch.onnx._internal.torchscript_exporter._globals",
+        reason="torch moved its ONNX flags: _tracing uses the public check then",
+    )
     GLOBALS = globals_module.GLOBALS
 
     monkeypatch.setattr(GLOBALS, "in_onnx_export", True)

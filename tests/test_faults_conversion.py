@@ -142,11 +142,20 @@ def test_hostile_manifest_names_are_refused_before_anything_is_written(env, name
     (unrelated / "precious.txt").write_text("do not delete")
     if name == "ABSOLUTE":
         name = str(unrelated)
-    manifest = env.write("m.json", json.dumps({"entries": [
-        {"name": "fine", "source": str(env.ckpt), "official_config": str(env.config)},
-        {"name": name, "source": str(env.ckpt), "official_config": str(env.config)}]}))
-    line = env.fails(["convert-all", str(manifest), "--output-root", str(env.work / "converted"), "--overwrite"],
-                     "entry 2's name")
+    manifest = env.write(
+        "m.json",
+        json.dumps(
+            {
+                "entries": [
+                    {"name": "fine", "source": str(env.ckpt), "official_config": str(env.config)},
+                    {"name": name, "source": str(env.ckpt), "official_config": str(env.config)},
+                ]
+            }
+        ),
+    )
+    line = env.fails(
+        ["convert-all", str(manifest), "--output-root", str(env.work / "converted"), "--overwrite"], "entry 2's name"
+    )
     assert "output folder under --output-root" in line
     assert not (env.work / "converted").exists()  # not even the good entry: the manifest is refused as a whole
     assert (unrelated / "precious.txt").read_text() == "do not delete"
@@ -159,16 +168,21 @@ def test_manifest_entry_with_a_nul_source_is_refused(env):
 
 
 def test_manifest_source_repo_must_be_a_repo_id(env):
-    manifest = env.write("m.json", json.dumps({"source_repo": "../../etc", "entries": [{"name": "a",
-                                                                                         "source": "a.pth"}]}))
+    manifest = env.write(
+        "m.json", json.dumps({"source_repo": "../../etc", "entries": [{"name": "a", "source": "a.pth"}]})
+    )
     env.fails(["convert-all", str(manifest), "--output-root", str(env.work / "c")], "is not a Hub repo id")
 
 
 def test_a_plain_name_converts_inside_the_output_root(env):
-    manifest = env.write("m.json", json.dumps({"entries": [
-        {"name": "tiny-t_1.0", "source": str(env.ckpt), "official_config": str(env.config)}]}))
-    env.succeeds(["convert-all", str(manifest), "--output-root", str(env.work / "converted")],
-                 out=env.work / "converted" / "tiny-t_1.0")
+    manifest = env.write(
+        "m.json",
+        json.dumps({"entries": [{"name": "tiny-t_1.0", "source": str(env.ckpt), "official_config": str(env.config)}]}),
+    )
+    env.succeeds(
+        ["convert-all", str(manifest), "--output-root", str(env.work / "converted")],
+        out=env.work / "converted" / "tiny-t_1.0",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ Hub-looking paths
@@ -193,8 +207,9 @@ def hub_cache(env, monkeypatch):
 @pytest.mark.parametrize("source", ["owner/name/evil.pth", "owner/name", "weights/old/ckpt.pth"])
 def test_missing_local_path_is_never_a_hub_lookup(env, hub_cache, source, monkeypatch):
     monkeypatch.chdir(env.tmp)
-    line = env.fails(env.convert_args(source, "--trust-pickle"), f"{source}: no such file or folder",
-                     f"written hf://{source}")
+    line = env.fails(
+        env.convert_args(source, "--trust-pickle"), f"{source}: no such file or folder", f"written hf://{source}"
+    )
     assert "cannot be fetched" not in line
     assert not (env.marker_dir / "hub-pickle-ran").exists()
 
@@ -214,11 +229,30 @@ def test_a_downloaded_pickle_is_read_weights_only(env, hub_cache):
 
 
 def test_convert_all_trust_pickle_does_not_reach_downloads(env, hub_cache):
-    manifest = env.write("m.json", json.dumps({"source_repo": "hf://owner/name", "entries": [
-        {"name": "evil", "source": "evil.pth", "official_config": str(env.config)}]}))
+    manifest = env.write(
+        "m.json",
+        json.dumps(
+            {
+                "source_repo": "hf://owner/name",
+                "entries": [{"name": "evil", "source": "evil.pth", "official_config": str(env.config)}],
+            }
+        ),
+    )
     before = listing(env.work)
-    assert cli_main(["convert-all", str(manifest), "--source-dir", str(env.inputs), "--output-root",
-                     str(env.work / "c"), "--trust-pickle"]) == 1
+    assert (
+        cli_main(
+            [
+                "convert-all",
+                str(manifest),
+                "--source-dir",
+                str(env.inputs),
+                "--output-root",
+                str(env.work / "c"),
+                "--trust-pickle",
+            ]
+        )
+        == 1
+    )
     out, err = stderr_lines(env.capsys)
     assert "refusing to unpickle a downloaded file" in out and "1 of 1 failed: evil" in err[-1]
     assert "Traceback" not in "\n".join(err)
@@ -226,11 +260,14 @@ def test_convert_all_trust_pickle_does_not_reach_downloads(env, hub_cache):
 
 
 def test_manifest_without_source_repo_downloads_nothing(env, hub_cache):
-    manifest = env.write("m.json", json.dumps({"entries": [{"name": "a", "source": "good.pth",
-                                                            "official_config": str(env.config)}]}))
+    manifest = env.write(
+        "m.json", json.dumps({"entries": [{"name": "a", "source": "good.pth", "official_config": str(env.config)}]})
+    )
     before = listing(env.work)
-    assert cli_main(["convert-all", str(manifest), "--source-dir", str(env.inputs), "--output-root",
-                     str(env.work / "c")]) == 1
+    assert (
+        cli_main(["convert-all", str(manifest), "--source-dir", str(env.inputs), "--output-root", str(env.work / "c")])
+        == 1
+    )
     out, _ = stderr_lines(env.capsys)
     assert "good.pth: no such file or folder" in out and listing(env.work) == before
 
@@ -242,8 +279,10 @@ def test_malformed_hub_references(env, source):
 
 def test_explicit_hub_source_converts_from_the_offline_cache(env, hub_cache):
     env.succeeds(env.convert_args("hf://owner/name/good.pth"))
-    assert "`hf://owner/name/good.pth`" in (env.out / "README.md").read_text() or \
-        "hf://owner/name/good.pth" in (env.out / "README.md").read_text()
+    assert (
+        "`hf://owner/name/good.pth`" in (env.out / "README.md").read_text()
+        or "hf://owner/name/good.pth" in (env.out / "README.md").read_text()
+    )
 
 
 # ------------------------------------------------------------------------------------------------ broken files
@@ -342,14 +381,19 @@ def test_wrong_key_sets(env):
     del missing["head.bias"]
     env.fails(env.convert_args(env.save_pth({"model": missing}, "missing.pth")), "missing keys (1): classifier.bias")
     extra = dict(state, **{"levels.0.blocks.0.surprise.weight": torch.zeros(2)})
-    env.fails(env.convert_args(env.save_pth({"model": extra}, "extra.pth")),
-              "unexpected keys (1): internimage.encoder.levels.0.layers.0.surprise.weight")
-    clash = dict(state, **{"levels.0.blocks.0.layer_scale1": torch.ones(16),
-                           "levels.0.blocks.0.gamma1": torch.ones(16)})
+    env.fails(
+        env.convert_args(env.save_pth({"model": extra}, "extra.pth")),
+        "unexpected keys (1): internimage.encoder.levels.0.layers.0.surprise.weight",
+    )
+    clash = dict(
+        state, **{"levels.0.blocks.0.layer_scale1": torch.ones(16), "levels.0.blocks.0.gamma1": torch.ones(16)}
+    )
     env.fails(env.convert_args(env.save_pth({"model": clash}, "clash.pth")), "Two checkpoint keys map to")
     env.fails(env.convert_args(env.save_pth({"model": {}}, "empty.pth"), config=False), "Not an InternImage state dict")
-    env.fails(env.convert_args(env.save_pth({"fc.weight": torch.ones(2, 2)}, "other.pth"), config=False),
-              "Not an InternImage state dict")
+    env.fails(
+        env.convert_args(env.save_pth({"fc.weight": torch.ones(2, 2)}, "other.pth"), config=False),
+        "Not an InternImage state dict",
+    )
     env.fails(env.convert_args(env.ckpt, "--use-ema"), "has no 'model_ema' entry")
 
 
@@ -376,8 +420,10 @@ def test_bad_tensor_values_are_named(env, case):
 def test_zero_d_detection_weight_is_one_line(env):
     state = env.state()
     state["patch_embed.conv2.weight"] = torch.tensor(0.5)  # once an IndexError in variant detection
-    env.fails(env.convert_args(env.save_pth({"model": state}), config=False),
-              "tensor 'patch_embed.conv2.weight' is a 0-d scalar")
+    env.fails(
+        env.convert_args(env.save_pth({"model": state}), config=False),
+        "tensor 'patch_embed.conv2.weight' is a 0-d scalar",
+    )
 
 
 def test_float_batch_norm_counter_is_refused(env):
@@ -422,10 +468,13 @@ def test_bad_official_configs(env, case):
 
 
 def test_official_config_missing_or_a_folder(env):
-    env.fails(["convert", str(env.ckpt), str(env.out), "--official-config", str(env.inputs / "none.json")],
-              "none.json is not a readable JSON file")
-    env.fails(["convert", str(env.ckpt), str(env.out), "--official-config", str(env.inputs)],
-              "is not a readable JSON file")
+    env.fails(
+        ["convert", str(env.ckpt), str(env.out), "--official-config", str(env.inputs / "none.json")],
+        "none.json is not a readable JSON file",
+    )
+    env.fails(
+        ["convert", str(env.ckpt), str(env.out), "--official-config", str(env.inputs)], "is not a readable JSON file"
+    )
 
 
 BAD_LABELS = {
@@ -448,8 +497,11 @@ def test_bad_label_files_name_the_file(env, case):
 
 
 def test_labels_missing_or_a_folder(env):
-    env.fails(env.convert_args(env.ckpt, "--labels", env.inputs / "none.txt"), "none.txt: not 'auto'",
-              "No such file or directory")
+    env.fails(
+        env.convert_args(env.ckpt, "--labels", env.inputs / "none.txt"),
+        "none.txt: not 'auto'",
+        "No such file or directory",
+    )
     env.fails(env.convert_args(env.ckpt, "--labels", env.inputs), "a readable file")
 
 
@@ -468,8 +520,10 @@ def test_other_bad_options(env):
 def test_output_under_a_file(env):
     blocker = env.work / "file"
     blocker.write_text("x")
-    env.fails(["convert", str(env.ckpt), str(blocker / "out"), "--official-config", str(env.config)],
-              f"cannot write into {blocker}")
+    env.fails(
+        ["convert", str(env.ckpt), str(blocker / "out"), "--official-config", str(env.config)],
+        f"cannot write into {blocker}",
+    )
 
 
 def test_read_only_output_folder(env, monkeypatch):
@@ -485,8 +539,10 @@ def test_read_only_output_folder(env, monkeypatch):
     else:
         parent.chmod(0o555)
     try:
-        env.fails(["convert", str(env.ckpt), str(parent / "out"), "--official-config", str(env.config)],
-                  f"cannot write into {parent}: Permission denied")
+        env.fails(
+            ["convert", str(env.ckpt), str(parent / "out"), "--official-config", str(env.config)],
+            f"cannot write into {parent}: Permission denied",
+        )
     finally:
         parent.chmod(0o755)
 
@@ -496,10 +552,13 @@ def test_existing_output_without_overwrite(env):
     (env.out / "mine.txt").write_text("keep")
     env.fails(env.convert_args(env.ckpt), "already exists; choose another folder or pass --overwrite")
     (env.work / "afile").write_text("keep")
-    env.fails(["convert", str(env.ckpt), str(env.work / "afile"), "--official-config", str(env.config)],
-              "already exists")
-    manifest = env.write("m.json", json.dumps({"entries": [{"name": "out", "source": str(env.ckpt),
-                                                            "official_config": str(env.config)}]}))
+    env.fails(
+        ["convert", str(env.ckpt), str(env.work / "afile"), "--official-config", str(env.config)], "already exists"
+    )
+    manifest = env.write(
+        "m.json",
+        json.dumps({"entries": [{"name": "out", "source": str(env.ckpt), "official_config": str(env.config)}]}),
+    )
     before = listing(env.work)
     assert cli_main(["convert-all", str(manifest), "--output-root", str(env.work)]) == 1
     out, err = stderr_lines(env.capsys)
@@ -657,8 +716,13 @@ KILLER = textwrap.dedent(r"""
 
 def test_kill_9_during_save_leaves_no_partial_output_and_no_debris(env):
     points = ["none", "save", "verify", "swap"] + ["random"] * 6 + ["save"]
-    result = subprocess.run([sys.executable, "-c", KILLER, str(env.ckpt), str(env.config), str(env.work),
-                             ",".join(points)], capture_output=True, text=True, timeout=180, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLER, str(env.ckpt), str(env.config), str(env.work), ",".join(points)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rounds = report["rounds"]

@@ -29,8 +29,10 @@ def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             scale = 0.5 if "norm" in name and name.endswith("weight") else 0.2
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale +
-                            (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+            parameter.copy_(
+                torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale
+                + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            )
     return model.eval()
 
 
@@ -85,9 +87,16 @@ def test_float32_model_under_autocast_takes_float32_pixels(model):
 
 
 def test_h_g_heads_name_the_size_they_need():
-    config = tiny_config(use_clip_projector=True, projector_dim=16, projector_out_dim=8, projector_num_heads=2,
-                         center_feature_scale=True, level2_post_norm=True, level2_post_norm_block_ids=[1],
-                         res_post_norm=True)
+    config = tiny_config(
+        use_clip_projector=True,
+        projector_dim=16,
+        projector_out_dim=8,
+        projector_num_heads=2,
+        center_feature_scale=True,
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[1],
+        res_post_norm=True,
+    )
     model = InternImageForImageClassification(config).eval()
     with pytest.raises(ValueError, match="multiples of 32"), torch.no_grad():
         model(torch.randn(1, 3, 80, 64))
@@ -126,10 +135,16 @@ EDITS = {
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
-@pytest.mark.parametrize("which", ["classifier.weight", "internimage.encoder.levels.2.layers.1.mlp.fc1.weight",
-                                   "internimage.encoder.levels.1.downsample.conv.weight",
-                                   "internimage.embeddings.conv1.weight",
-                                   "internimage.encoder.levels.0.layers.0.dcn.dw_conv.conv.weight"])
+@pytest.mark.parametrize(
+    "which",
+    [
+        "classifier.weight",
+        "internimage.encoder.levels.2.layers.1.mlp.fc1.weight",
+        "internimage.encoder.levels.1.downsample.conv.weight",
+        "internimage.embeddings.conv1.weight",
+        "internimage.encoder.levels.0.layers.0.dcn.dw_conv.conv.weight",
+    ],
+)
 def test_inference_never_serves_a_stale_weight(edit, which):
     """Whatever way a weight is edited between two inference calls, the second call computes with the new value."""
     model = randomised(InternImageForImageClassification(tiny_config()))

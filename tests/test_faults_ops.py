@@ -31,8 +31,23 @@ BACKENDS = ("reference", "compiled")
 NAN, INF = float("nan"), float("inf")
 
 
-def make_case(n=2, h=6, w=7, group=2, gc=4, kh=3, kw=3, stride=(1, 1), pad=(1, 1), dil=(1, 1), scale=1.0, rc=0,
-              offset_mag=1.5, dtype=torch.float64, seed=0):
+def make_case(
+    n=2,
+    h=6,
+    w=7,
+    group=2,
+    gc=4,
+    kh=3,
+    kw=3,
+    stride=(1, 1),
+    pad=(1, 1),
+    dil=(1, 1),
+    scale=1.0,
+    rc=0,
+    offset_mag=1.5,
+    dtype=torch.float64,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     points = kh * kw - rc
     ho = dcnv3_output_size(h, kh, stride[0], pad[0], dil[0])
@@ -58,8 +73,20 @@ def op(use_kernel):
 # ---------------------------------------------------------------------------------------------------------------
 # Bad arguments: one clear exception on every backend and on the kernel package's own entry point
 # ---------------------------------------------------------------------------------------------------------------
-ARG_INDEX = {"kernel_h": 0, "kernel_w": 1, "stride_h": 2, "stride_w": 3, "pad_h": 4, "pad_w": 5, "dilation_h": 6,
-             "dilation_w": 7, "group": 8, "group_channels": 9, "offset_scale": 10, "remove_center": 11}
+ARG_INDEX = {
+    "kernel_h": 0,
+    "kernel_w": 1,
+    "stride_h": 2,
+    "stride_w": 3,
+    "pad_h": 4,
+    "pad_w": 5,
+    "dilation_h": 6,
+    "dilation_w": 7,
+    "group": 8,
+    "group_channels": 9,
+    "offset_scale": 10,
+    "remove_center": 11,
+}
 
 BAD_PARAMS = [  # (id, overrides, message)
     ("kernel_h=0", {"kernel_h": 0}, "kernel_h must be >= 1"),
@@ -166,8 +193,11 @@ def _poison(kind, value, x, offset, mask):
     return x, offset, mask
 
 
-SPECIAL = [(kind, value) for kind in ("input", "input-border", "offset-x", "offset-y", "offset-all", "mask",
-                                      "mask-far") for value in (NAN, INF, -INF)]
+SPECIAL = [
+    (kind, value)
+    for kind in ("input", "input-border", "offset-x", "offset-y", "offset-all", "mask", "mask-far")
+    for value in (NAN, INF, -INF)
+]
 
 
 def _agree(out, ref):
@@ -302,8 +332,14 @@ def _strided(kind, x, offset, mask):
     return x, offset, mask
 
 
-STRIDED = ["input-transposed", "input-sliced", "offset-sliced", "mask-transposed", "mask-expanded",
-           "all-channels-first"]
+STRIDED = [
+    "input-transposed",
+    "input-sliced",
+    "offset-sliced",
+    "mask-transposed",
+    "mask-expanded",
+    "all-channels-first",
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -330,13 +366,24 @@ def random_configs(count, seed=2026):
     for i in range(count):
         kh, kw = rng.randint(1, 5), rng.randint(1, 5)
         rc = int(kh % 2 == 1 and kw % 2 == 1 and kh * kw > 1 and rng.random() < 0.4)
-        configs.append(dict(
-            n=rng.choice([1, 1, 2, 3]), h=rng.randint(1, 9), w=rng.randint(1, 9), group=rng.randint(1, 3),
-            gc=rng.choice([1, 2, 3, 4, 5, 8, 16]), kh=kh, kw=kw, rc=rc,
-            stride=(rng.randint(1, 3), rng.randint(1, 3)), pad=(rng.randint(0, 2), rng.randint(0, 2)),
-            dil=(rng.randint(1, 2), rng.randint(1, 2)), scale=round(rng.uniform(0.25, 2.5), 3),
-            offset_mag=rng.choice([0.0, 0.5, 2.0, 6.0]), seed=i,
-        ))
+        configs.append(
+            dict(
+                n=rng.choice([1, 1, 2, 3]),
+                h=rng.randint(1, 9),
+                w=rng.randint(1, 9),
+                group=rng.randint(1, 3),
+                gc=rng.choice([1, 2, 3, 4, 5, 8, 16]),
+                kh=kh,
+                kw=kw,
+                rc=rc,
+                stride=(rng.randint(1, 3), rng.randint(1, 3)),
+                pad=(rng.randint(0, 2), rng.randint(0, 2)),
+                dil=(rng.randint(1, 2), rng.randint(1, 2)),
+                scale=round(rng.uniform(0.25, 2.5), 3),
+                offset_mag=rng.choice([0.0, 0.5, 2.0, 6.0]),
+                seed=i,
+            )
+        )
     return configs
 
 
@@ -361,14 +408,20 @@ def test_random_configurations_match(op, cfg):
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
         out.backward(grad_out)
         results[backend] = [out.detach()] + [leaf.grad for leaf in leaves]
-    for name, a, b in zip(("output", "grad input", "grad offset", "grad mask"), results["compiled"],
-                          results["reference"]):
+    for name, a, b in zip(
+        ("output", "grad input", "grad offset", "grad mask"), results["compiled"], results["reference"]
+    ):
         assert rel_err(a, b) < 1e-12, name
 
 
 def test_random_configurations_cover_the_cases():
-    shapes = [(dcnv3_output_size(c["h"], c["kh"], c["stride"][0], c["pad"][0], c["dil"][0]),
-               dcnv3_output_size(c["w"], c["kw"], c["stride"][1], c["pad"][1], c["dil"][1])) for c in RANDOM]
+    shapes = [
+        (
+            dcnv3_output_size(c["h"], c["kh"], c["stride"][0], c["pad"][0], c["dil"][0]),
+            dcnv3_output_size(c["w"], c["kw"], c["stride"][1], c["pad"][1], c["dil"][1]),
+        )
+        for c in RANDOM
+    ]
     assert sum(h < 1 or w < 1 for h, w in shapes) >= 3  # some empty outputs
     assert sum(h >= 1 and w >= 1 for h, w in shapes) >= 30
     assert any(c["rc"] for c in RANDOM) and any(c["gc"] == 16 for c in RANDOM)
@@ -381,21 +434,35 @@ def _child(script: str, argv: list[str], timeout: int = 240) -> subprocess.Compl
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     full_env.pop("INTERNIMAGE_DCNV3_BACKEND", None)
     full_env.pop("INTERNIMAGE_DCNV3_KERNEL_REPO", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *argv], env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *argv],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _results(proc: subprocess.CompletedProcess) -> dict:
     out = {}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            name, payload = line[len("RESULT "):].split(" ", 1)
+            name, payload = line[len("RESULT ") :].split(" ", 1)
             out[name] = json.loads(payload)
     return out
 
 
-RAW_OPS = ["zero points", "empty output 2x2 stride 2", "empty output 0x5", "offset_scale nan", "offset_scale inf",
-           "negative stride", "huge kernel", "backward zero points", "backward empty output"]
+RAW_OPS = [
+    "zero points",
+    "empty output 2x2 stride 2",
+    "empty output 0x5",
+    "offset_scale nan",
+    "offset_scale inf",
+    "negative stride",
+    "huge kernel",
+    "backward zero points",
+    "backward empty output",
+]
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +533,7 @@ CACHE_CASES = [
     ("metadata.json a list", "meta-raw:[1, 2]", "fallback"),
     ("metadata without id", "meta-del:id", "fallback"),
     ("metadata without build record", "meta-del:internimage_hf", "fallback"),
-    ("build record not a dict", "meta-record:\"oops\"", "fallback"),
+    ("build record not a dict", 'meta-record:"oops"', "fallback"),
     ("no file integrity record (older build)", "meta-record-del:files", "fallback"),
     ("file record escapes the folder", "meta-files-escape", "fallback"),
     ("wrong torch version recorded", "meta-record-set:torch=1.0.0", "fallback"),
@@ -587,10 +654,17 @@ for i, (name, how) in enumerate(cases):
 def cache_results(kernel_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("faulty-caches")
     cases = [(name, how) for name, how, _ in CACHE_CASES]
-    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(kernel_dir), str(work), json.dumps(cases)],
-                          env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                   PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CACHE_SCRIPT, str(kernel_dir), str(work), json.dumps(cases)],
+        env=dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc, _results(proc)
 
 
@@ -599,8 +673,10 @@ def test_damaged_or_hostile_cache(cache_results, kernel_dir, index):
     proc, results = cache_results
     name, _, outcome = CACHE_CASES[index]
     result = results.get(f"case{index}")
-    assert result is not None, (f"the child process died before or during this case (exit {proc.returncode}, "
-                                f"a negative exit is a signal): {proc.stderr[-3000:]}")
+    assert result is not None, (
+        f"the child process died before or during this case (exit {proc.returncode}, "
+        f"a negative exit is a signal): {proc.stderr[-3000:]}"
+    )
     assert "error" not in result, result
     assert result["matches_reference"], result
     assert result["modules_intact"] and not result["stray_modules"], result

@@ -34,8 +34,23 @@ def out_size(size, k, stride, pad, dil):
     return (size + 2 * pad - (dil * (k - 1) + 1)) // stride + 1
 
 
-def make_case(n=2, h=6, w=7, group=2, gc=4, kh=3, kw=3, stride=(1, 1), pad=(1, 1), dil=(1, 1), scale=1.0, rc=0,
-              offset_mag=2.0, dtype=torch.float64, seed=0):
+def make_case(
+    n=2,
+    h=6,
+    w=7,
+    group=2,
+    gc=4,
+    kh=3,
+    kw=3,
+    stride=(1, 1),
+    pad=(1, 1),
+    dil=(1, 1),
+    scale=1.0,
+    rc=0,
+    offset_mag=2.0,
+    dtype=torch.float64,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     points = kh * kw - rc
     ho, wo = out_size(h, kh, stride[0], pad[0], dil[0]), out_size(w, kw, stride[1], pad[1], dil[1])
@@ -63,8 +78,14 @@ def official_cases(fixtures_dir):
     for i in range(5):
         p = cases[f"case{i}.params"].tolist()
         args = tuple(p[:10]) + (cases[f"case{i}.offset_scale"].item(), p[10])
-        yield i, cases[f"case{i}.input"], cases[f"case{i}.offset"], cases[f"case{i}.mask"], args, cases[
-            f"case{i}.output"]
+        yield (
+            i,
+            cases[f"case{i}.input"],
+            cases[f"case{i}.offset"],
+            cases[f"case{i}.mask"],
+            args,
+            cases[f"case{i}.output"],
+        )
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -95,10 +116,22 @@ def op_params(draw):
     dil = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     assume(out_size(h, kh, stride[0], pad[0], dil[0]) >= 1 and out_size(w, kw, stride[1], pad[1], dil[1]) >= 1)
-    return dict(n=draw(st.integers(1, 3)), h=h, w=w, group=draw(st.integers(1, 4)),
-                gc=draw(st.sampled_from([1, 2, 3, 5, 8, 9, 16, 17, 32])), kh=kh, kw=kw, stride=stride, pad=pad,
-                dil=dil, rc=rc, scale=draw(st.sampled_from([0.5, 1.0, 1.5, 2.0, 0.37])),
-                offset_mag=draw(st.sampled_from([0.3, 1.0, 3.0, 12.0, 60.0])), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=draw(st.integers(1, 3)),
+        h=h,
+        w=w,
+        group=draw(st.integers(1, 4)),
+        gc=draw(st.sampled_from([1, 2, 3, 5, 8, 9, 16, 17, 32])),
+        kh=kh,
+        kw=kw,
+        stride=stride,
+        pad=pad,
+        dil=dil,
+        rc=rc,
+        scale=draw(st.sampled_from([0.5, 1.0, 1.5, 2.0, 0.37])),
+        offset_mag=draw(st.sampled_from([0.3, 1.0, 3.0, 12.0, 60.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def assert_close(a, b, tol, what):
@@ -107,8 +140,7 @@ def assert_close(a, b, tol, what):
     assert err <= tol * (1.0 + scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
-                                                                  HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(params=op_params())
 def test_random_shapes_forward_backward_float64(kernel, params):
     x, offset, mask, args = make_case(**params)
@@ -145,10 +177,12 @@ def fused_reference(x, offset, logits, *args):
     return dcnv3_core_reference(x, offset, logits, *args, mask_softmax=True)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
-                                                                  HealthCheck.too_slow])
-@given(params=op_params(), magnitude=st.sampled_from([0.3, 3.0, 30.0, 300.0]),
-       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(
+    params=op_params(),
+    magnitude=st.sampled_from([0.3, 3.0, 30.0, 300.0]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+)
 def test_fused_mask_softmax_matches_reference(kernel, params, magnitude, dtype):
     """mask_softmax=True (softmax over each pixel and group's points inside the kernel, gradients to the logits)
     against softmax-then-op in the reference; large magnitudes drive most exponentials to underflow."""
@@ -167,8 +201,9 @@ def test_gradcheck_fused_mask_softmax(kernel, params):
     x, offset, logits, args = with_logits(*make_case(n=1, h=4, w=5, **params), 2.0, 0)
     offset = offsets_off_the_kinks(offset, args[10])
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, offset, logits))
-    assert torch.autograd.gradcheck(lambda a, b, c: kernel.dcnv3_core(a, b, c, *args, True), inputs, eps=1e-6,
-                                    atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kernel.dcnv3_core(a, b, c, *args, True), inputs, eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 def test_kernel_without_fused_softmax_gets_softmaxed_masks(use_kernel, monkeypatch):
@@ -191,20 +226,24 @@ def offsets_off_the_kinks(offset, scale):
     return (offset.round() + frac) / scale
 
 
-@pytest.mark.parametrize("params", [
-    dict(),
-    dict(stride=(2, 1), pad=(0, 2)),
-    dict(kh=5, kw=5, pad=(2, 2), rc=1, scale=2.0),
-    dict(kh=3, kw=1, dil=(2, 3), pad=(2, 0), group=3, gc=2),
-    dict(kh=1, kw=1, pad=(0, 0), group=1, gc=3, offset_mag=6.0),
-    dict(gc=16, group=1, h=4, w=4),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(stride=(2, 1), pad=(0, 2)),
+        dict(kh=5, kw=5, pad=(2, 2), rc=1, scale=2.0),
+        dict(kh=3, kw=1, dil=(2, 3), pad=(2, 0), group=3, gc=2),
+        dict(kh=1, kw=1, pad=(0, 0), group=1, gc=3, offset_mag=6.0),
+        dict(gc=16, group=1, h=4, w=4),
+    ],
+)
 def test_gradcheck_float64(kernel, params):
     x, offset, mask, args = make_case(n=1, h=params.pop("h", 4), w=params.pop("w", 5), **params)
     offset = offsets_off_the_kinks(offset, args[10])
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, offset, mask))
-    assert torch.autograd.gradcheck(lambda a, b, c: kernel.dcnv3_core(a, b, c, *args), inputs, eps=1e-6, atol=1e-7,
-                                    rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kernel.dcnv3_core(a, b, c, *args), inputs, eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +430,8 @@ def test_hub_layer_contract(kernel):
     from internimage_hf.ops import DCNv3Core
 
     assert list(inspect.signature(layer_cls.forward).parameters) == list(
-        inspect.signature(DCNv3Core.forward).parameters)
+        inspect.signature(DCNv3Core.forward).parameters
+    )
     x, offset, mask, args = make_case(dtype=torch.float32)
     assert rel_err(layer_cls()(x, offset, mask, *args), dcnv3_core_reference(x, offset, mask, *args)) < 1e-6
 
@@ -473,12 +513,17 @@ def test_get_local_kernel_after_a_forward_in_a_fresh_process(kernel_dir):
         assert kernels.get_local_kernel(Path(sys.argv[1]), backend="cpu") is theirs  # and again: reused
         print("OK")
     """)
-    env = dict(os.environ, INTERNIMAGE_HF_KERNEL_CACHE=str(kernel_dir.parents[1]), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        INTERNIMAGE_HF_KERNEL_CACHE=str(kernel_dir.parents[1]),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("INTERNIMAGE_DCNV3_BACKEND", None)
     env.pop("INTERNIMAGE_DCNV3_KERNEL_REPO", None)
-    proc = subprocess.run([sys.executable, "-c", script, str(kernel_dir.parents[1])], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(kernel_dir.parents[1])], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -603,9 +648,13 @@ def test_fresh_process_offline_without_build(tmp_path):
         assert len(ours) == 1, [str(w.message) for w in record]
         print("MESSAGE", ours[0].message)
     """) % (tmp_path / "cache")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", INTERNIMAGE_HF_KERNEL_CACHE=str(tmp_path / "cache"),
-               INTERNIMAGE_DCNV3_KERNEL_REPO="internimage-hf-test/internimage-dcnv3",
-               PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        INTERNIMAGE_HF_KERNEL_CACHE=str(tmp_path / "cache"),
+        INTERNIMAGE_DCNV3_KERNEL_REPO="internimage-hf-test/internimage-dcnv3",
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("INTERNIMAGE_DCNV3_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -637,8 +686,18 @@ def test_model_on_compiled_op_matches_official(use_kernel, fixtures_dir, tmp_pat
     from internimage_hf.cli import main as cli_main
 
     out = tmp_path / "model"
-    assert cli_main(["convert", str(fixtures_dir / case / "checkpoint.pth"), str(out), "--official-config",
-                     str(fixtures_dir / case / "official_config.json")]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(fixtures_dir / case / "checkpoint.pth"),
+                str(out),
+                "--official-config",
+                str(fixtures_dir / case / "official_config.json"),
+            ]
+        )
+        == 0
+    )
     expected = load_file(fixtures_dir / case / "expected.safetensors")
     model = AutoModelForImageClassification.from_pretrained(out).eval()
     logits = {}
@@ -655,8 +714,10 @@ def test_torch_compile_of_the_model_matches_eager(use_kernel, fixtures_dir):
     from internimage_hf.convert import model_from_official, read_official_config
 
     case = fixtures_dir / "tiny_t"
-    model = model_from_official(torch.load(case / "checkpoint.pth", weights_only=True)["model"],
-                                read_official_config(case / "official_config.json")).eval()
+    model = model_from_official(
+        torch.load(case / "checkpoint.pth", weights_only=True)["model"],
+        read_official_config(case / "official_config.json"),
+    ).eval()
     x = load_file(case / "expected.safetensors")["pixel_values"]
     with torch.no_grad():
         eager = model(x).logits

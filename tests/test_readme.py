@@ -17,8 +17,9 @@ def test_usage_example_runs(tmp_path):
     for i, code in enumerate(blocks):
         script = tmp_path / f"example_{i}.py"
         script.write_text(code)
-        result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
 

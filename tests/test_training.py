@@ -98,8 +98,14 @@ def test_layer_decay_groups_lrs_weight_decay_and_dcn_multiplier():
 
 
 def test_layer_decay_post_norms_follow_their_block():
-    config = InternImageConfig(channels=16, depths=[1, 1, 6, 1], groups=[1, 2, 4, 8], level2_post_norm=True,
-                               level2_post_norm_block_ids=[2, 5], num_labels=3)
+    config = InternImageConfig(
+        channels=16,
+        depths=[1, 1, 6, 1],
+        groups=[1, 2, 4, 8],
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[2, 5],
+        num_labels=3,
+    )
     ids = parameter_depth_ids(InternImageForImageClassification(config))
     # blocks: level 2 block 2 is global block 4 of 9 -> id 9 - 1 - 4 = 4; block 5 -> id 1
     assert ids["internimage.encoder.levels.2.post_norms.0.weight"] == 4
@@ -119,8 +125,9 @@ def test_trainer_builds_its_optimizer_from_the_layer_decay_groups(tmp_path):
     from transformers import TrainingArguments
 
     model = tiny_classifier()
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-3, weight_decay=0.1, report_to="none",
-                             use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=2e-3, weight_decay=0.1, report_to="none", use_cpu=True
+    )
     trainer = InternImageTrainer(model=model, args=args, layer_decay=0.8, dcn_lr_mul=0.1)
     optimizer = trainer.create_optimizer()
     expected = layer_decay_param_groups(model, 2e-3, 0.1, layer_decay=0.8, dcn_lr_mul=0.1)
@@ -137,11 +144,20 @@ def test_trainer_trains_a_few_steps(tmp_path):
     torch.manual_seed(0)
     examples = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 2} for i in range(8)]
     model = tiny_classifier(num_labels=2)
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, per_device_train_batch_size=8,
-                             max_steps=12, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
-    trainer = InternImageTrainer(model=model, args=args, train_dataset=examples,
-                                 data_collator=collate_image_classification, layer_decay=0.9)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        max_steps=12,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = InternImageTrainer(
+        model=model, args=args, train_dataset=examples, data_collator=collate_image_classification, layer_decay=0.9
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.5 * losses[0]
@@ -151,8 +167,13 @@ def test_load_model_and_processor_replaces_a_head(tmp_path):
     model = tiny_classifier(image_size=48)
     model.save_pretrained(tmp_path)
     loaded, processor = load_model_and_processor(
-        InternImageForImageClassification, str(tmp_path), ignore_mismatched_sizes=True, num_labels=3,
-        id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+        InternImageForImageClassification,
+        str(tmp_path),
+        ignore_mismatched_sizes=True,
+        num_labels=3,
+        id2label={0: "a", 1: "b", 2: "c"},
+        label2id={"a": 0, "b": 1, "c": 2},
+    )
     assert loaded.classifier.out_features == 3 and loaded.config.id2label[2] == "c"
     torch.testing.assert_close(loaded.internimage.embeddings.conv1.weight, model.internimage.embeddings.conv1.weight)
     assert processor.crop_size["height"] == 48  # no processor saved: the eval transform at the config's size
@@ -169,8 +190,10 @@ def test_backbone_config_and_weights_from_a_preset_and_from_a_classifier_folder(
     assert config.out_features == ["stage2"] and config.depths == TINY["depths"]
     backbone = InternImageBackbone(config)
     backbone.load_state_dict(weights)  # strict: exactly the trunk
-    torch.testing.assert_close(backbone.encoder.levels[2].layers[1].dcn.input_proj.weight,
-                               model.internimage.encoder.levels[2].layers[1].dcn.input_proj.weight)
+    torch.testing.assert_close(
+        backbone.encoder.levels[2].layers[1].dcn.input_proj.weight,
+        model.internimage.encoder.levels[2].layers[1].dcn.input_proj.weight,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bf16

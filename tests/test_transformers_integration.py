@@ -31,8 +31,15 @@ LABELS = {0: "cat", 1: "dog", 2: "owl"}
 
 
 def tiny_config(**overrides) -> InternImageConfig:
-    fields = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=3, id2label=LABELS,
-                  label2id={v: k for k, v in LABELS.items()}, image_size=64)
+    fields = dict(
+        channels=16,
+        depths=[1, 1, 2, 1],
+        groups=[1, 2, 4, 8],
+        num_labels=3,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+        image_size=64,
+    )
     fields.update(overrides)
     return InternImageConfig(**fields)
 
@@ -100,10 +107,13 @@ def test_head_swap_for_fine_tuning(saved_model):
     assert torch.equal(swapped.internimage.embeddings.conv1.weight, model.internimage.embeddings.conv1.weight)
 
 
-@pytest.mark.parametrize("problem, labels", [
-    ("single_label_classification", torch.tensor([0, 2])),
-    ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
-])
+@pytest.mark.parametrize(
+    "problem, labels",
+    [
+        ("single_label_classification", torch.tensor([0, 2])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ],
+)
 def test_losses(problem, labels):
     model = InternImageForImageClassification(tiny_config(problem_type=problem))
     out = model(pixels(), labels=labels)
@@ -131,9 +141,20 @@ def test_official_initialisation():
         assert layer.dcn.input_proj.weight.std() > 0
 
 
-@pytest.mark.parametrize("variant_overrides", [{}, dict(use_clip_projector=True, center_feature_scale=True,
-                                                        dw_kernel_size=5, res_post_norm=True,
-                                                        level2_post_norm=True, level2_post_norm_block_ids=[1])])
+@pytest.mark.parametrize(
+    "variant_overrides",
+    [
+        {},
+        dict(
+            use_clip_projector=True,
+            center_feature_scale=True,
+            dw_kernel_size=5,
+            res_post_norm=True,
+            level2_post_norm=True,
+            level2_post_norm_block_ids=[1],
+        ),
+    ],
+)
 def test_bfloat16_model_runs_and_matches(variant_overrides):
     model = randomise(InternImageForImageClassification(tiny_config(**variant_overrides))).eval()
     x = pixels()
@@ -152,23 +173,31 @@ def test_gradient_checkpointing_gives_identical_gradients():
     # BatchNorm in train mode updates running stats; compare on identical copies.
     plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
     # transformers 5.23 renamed gradient -> activation checkpointing; older 5.x only has the old name.
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable = (
+        getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    )
     enable()
-    assert all(layer.gradient_checkpointing for layer in checkpointed.modules()
-               if isinstance(layer, internimage_hf.modeling_internimage.InternImageLayer))
+    assert all(
+        layer.gradient_checkpointing
+        for layer in checkpointed.modules()
+        if isinstance(layer, internimage_hf.modeling_internimage.InternImageLayer)
+    )
     plain(x, labels=labels).loss.backward()
     checkpointed(x, labels=labels).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
 
 
-@pytest.mark.parametrize("x, message", [
-    (torch.randn(3, 64, 64), "shape \\(batch, 3, height, width\\)"),
-    (torch.randn(1, 1, 64, 64), "3 channels"),
-    (torch.randn(1, 64, 64, 3), "channels-last"),
-    (torch.randn(1, 3, 16, 16), "at least 32x32"),
-    (torch.randint(0, 255, (1, 3, 64, 64)), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.randn(3, 64, 64), "shape \\(batch, 3, height, width\\)"),
+        (torch.randn(1, 1, 64, 64), "3 channels"),
+        (torch.randn(1, 64, 64, 3), "channels-last"),
+        (torch.randn(1, 3, 16, 16), "at least 32x32"),
+        (torch.randint(0, 255, (1, 3, 64, 64)), "floating-point"),
+    ],
+)
 def test_bad_pixel_values(x, message):
     model = InternImageForImageClassification(tiny_config())
     with pytest.raises(ValueError, match=message):
@@ -198,7 +227,8 @@ def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
     x = pixels()
     with torch.no_grad():
         assert onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight) == (
-            internimage_hf.modeling_internimage._ONEDNN_LINEAR is not None)
+            internimage_hf.modeling_internimage._ONEDNN_LINEAR is not None
+        )
         fast = model(x, output_hidden_states=True)
         with fast_paths(False):
             assert not onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight)

@@ -51,8 +51,19 @@ def common_tests_dir() -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   f"transformers=={transformers.__version__}", "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"transformers=={transformers.__version__}",
+            "-d",
+            tmp,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         sdists = list(Path(tmp).glob("transformers-*.tar.gz"))
         if done.returncode != 0 or not sdists:

@@ -67,8 +67,7 @@ def _register() -> None:
     load_local_folders_directly(AutoBackbone)  # transformers asks the Hub about local folders too (offline: error)
     processor_class = type(make_image_processor())
     try:
-        AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class},
-                                    exist_ok=True)
+        AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class}, exist_ok=True)
     except TypeError:  # pragma: no cover - transformers before the backend split
         AutoImageProcessor.register(InternImageConfig, slow_image_processor_class=processor_class, exist_ok=True)
 
@@ -89,10 +88,15 @@ def _load() -> None:
     from .processing import make_image_processor
 
     globals().update(
-        VARIANTS=VARIANTS, InternImageBackbone=InternImageBackbone, InternImageConfig=InternImageConfig,
-        InternImageForImageClassification=InternImageForImageClassification, InternImageModel=InternImageModel,
-        InternImagePreTrainedModel=InternImagePreTrainedModel, dcnv3_core=dcnv3_core,
-        dcnv3_core_reference=dcnv3_core_reference, make_image_processor=make_image_processor,
+        VARIANTS=VARIANTS,
+        InternImageBackbone=InternImageBackbone,
+        InternImageConfig=InternImageConfig,
+        InternImageForImageClassification=InternImageForImageClassification,
+        InternImageModel=InternImageModel,
+        InternImagePreTrainedModel=InternImagePreTrainedModel,
+        dcnv3_core=dcnv3_core,
+        dcnv3_core_reference=dcnv3_core_reference,
+        make_image_processor=make_image_processor,
     )
     _register()
     _loaded = True

@@ -13,9 +13,15 @@ import time
 
 # What each optional extra of the package provides (import name -> extra).
 EXTRA_OF_MODULE = {
-    "accelerate": "train", "sklearn": "train", "matplotlib": "train", "datasets": "train",
-    "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
-    "kernels": "kernels", "ninja": "kernels",
+    "accelerate": "train",
+    "sklearn": "train",
+    "matplotlib": "train",
+    "datasets": "train",
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+    "kernels": "kernels",
+    "ninja": "kernels",
 }
 # Modules a subcommand needs beyond the core dependencies (checked before anything heavy is imported).
 COMMAND_NEEDS = {"demo": ("accelerate", "sklearn", "matplotlib")}
@@ -30,8 +36,7 @@ class MissingExtra(RuntimeError):
         extras = sorted({EXTRA_OF_MODULE.get(m, "") for m in modules} - {""})
         names = ", ".join(PIP_NAME.get(m, m) for m in modules)
         install = " ".join(f"pip install 'internimage-hf[{e}]'" for e in extras) or f"pip install {names}"
-        super().__init__(f"{what} needs {names}, which {'is' if len(modules) == 1 else 'are'} not installed: "
-                         f"{install}")
+        super().__init__(f"{what} needs {names}, which {'is' if len(modules) == 1 else 'are'} not installed: {install}")
 
 
 def missing_modules(modules) -> list[str]:
@@ -62,35 +67,61 @@ def _convert(args: argparse.Namespace) -> int:
     from .conversion.pipeline import convert_checkpoint
 
     if args.trust_pickle and str(args.source).startswith("hf://"):
-        return _fail("convert", ValueError(
-            "--trust-pickle applies only to a local file you name, never to a Hub source: download the file, check "
-            "it, and convert the local copy"), args.debug)
+        return _fail(
+            "convert",
+            ValueError(
+                "--trust-pickle applies only to a local file you name, never to a Hub source: download the file, check "
+                "it, and convert the local copy"
+            ),
+            args.debug,
+        )
     try:
         result = convert_checkpoint(
-            args.source, args.output_dir, variant=args.variant, official_config=args.official_config,
-            overwrite=args.overwrite, trust_pickle=args.trust_pickle, use_ema=args.use_ema, labels=args.labels,
-            image_size=args.image_size, release=args.release, expected=args.expected, tolerance=args.tolerance,
-            max_shard_size=args.max_shard_size, model_id=args.model_id or args.push_to_hub,
-            base_model=args.base_model, revision=args.source_revision,
+            args.source,
+            args.output_dir,
+            variant=args.variant,
+            official_config=args.official_config,
+            overwrite=args.overwrite,
+            trust_pickle=args.trust_pickle,
+            use_ema=args.use_ema,
+            labels=args.labels,
+            image_size=args.image_size,
+            release=args.release,
+            expected=args.expected,
+            tolerance=args.tolerance,
+            max_shard_size=args.max_shard_size,
+            model_id=args.model_id or args.push_to_hub,
+            base_model=args.base_model,
+            revision=args.source_revision,
         )
     except Exception as error:  # every failure is one line; nothing partial was written
         return _fail("convert", error, args.debug)
     plan = result.plan
     found = plan.title + (f": {plan.architecture.short()}" if plan.architecture else "")
     release = f", release {plan.release.name}" if plan.release else ""
-    print(f"Model: {found}, {plan.config.num_labels} classes ({plan.labels} labels), {plan.image_size}x"
-          f"{plan.image_size} input{release}, {result.num_parameters:,} parameters")
+    print(
+        f"Model: {found}, {plan.config.num_labels} classes ({plan.labels} labels), {plan.image_size}x"
+        f"{plan.image_size} input{release}, {result.num_parameters:,} parameters"
+    )
     verification = result.verification
     if verification.expected:
-        print(f"Verified against {verification.expected}: relative errors {verification.errors_text()} "
-              f"(tolerance {verification.tolerance:g})")
+        print(
+            f"Verified against {verification.expected}: relative errors {verification.errors_text()} "
+            f"(tolerance {verification.tolerance:g})"
+        )
     print(f"Converted {args.source} -> {result.output_dir}")
     if args.push_to_hub:
         from .conversion.hub import push_folder
 
         try:
-            url = push_folder(result.output_dir, args.push_to_hub, private=args.private, revision=args.revision,
-                              create_pr=args.create_pr, commit_message=args.commit_message)
+            url = push_folder(
+                result.output_dir,
+                args.push_to_hub,
+                private=args.private,
+                revision=args.revision,
+                create_pr=args.create_pr,
+                commit_message=args.commit_message,
+            )
         except Exception as error:
             return _fail("convert", error, args.debug)
         print(f"Pushed {result.output_dir} to {args.push_to_hub}: {url}")
@@ -101,18 +132,30 @@ def _convert_all(args: argparse.Namespace) -> int:
     from .conversion.batch import convert_all, summary_table
 
     try:
-        results = convert_all(args.manifest, source_dir=args.source_dir, output_root=args.output_root,
-                              push=args.push, only=args.only, org=args.org, overwrite=args.overwrite,
-                              skip_existing=args.skip_existing,
-                              trust_pickle=args.trust_pickle, private=args.private, revision=args.revision,
-                              create_pr=args.create_pr, max_shard_size=args.max_shard_size)
+        results = convert_all(
+            args.manifest,
+            source_dir=args.source_dir,
+            output_root=args.output_root,
+            push=args.push,
+            only=args.only,
+            org=args.org,
+            overwrite=args.overwrite,
+            skip_existing=args.skip_existing,
+            trust_pickle=args.trust_pickle,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            max_shard_size=args.max_shard_size,
+        )
     except Exception as error:
         return _fail("convert-all", error, args.debug)
     print(summary_table(results))
     failed = [r.name for r in results if r.status == "failed"]
     if failed:
-        print(f"internimage-hf convert-all: error: {len(failed)} of {len(results)} failed: {', '.join(failed)}",
-              file=sys.stderr)
+        print(
+            f"internimage-hf convert-all: error: {len(failed)} of {len(results)} failed: {', '.join(failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -133,11 +176,17 @@ class _BuildProgress:
         if step == "reuse":
             self.reused = True
             return
-        if step == "compile" and self.last_step is None and not (shutil.which("ninja")
-                                                                  or importlib.util.find_spec("ninja")):
+        if (
+            step == "compile"
+            and self.last_step is None
+            and not (shutil.which("ninja") or importlib.util.find_spec("ninja"))
+        ):
             raise MissingExtra(["ninja"], "compiling the DCNv3 kernel")
-        text = {"compile": "compiling the DCNv3 kernel (about a minute)", "smoke-test": "testing the new build",
-                "install": "installing the build"}.get(step, step)
+        text = {
+            "compile": "compiling the DCNv3 kernel (about a minute)",
+            "smoke-test": "testing the new build",
+            "install": "installing the build",
+        }.get(step, step)
         if self.tty:
             suffix = f" {seconds:.0f} s" if step == "compile" and seconds else ""
             print(f"\r\033[K{text}...{suffix}", end="", file=self.stream, flush=True)
@@ -161,8 +210,9 @@ def _build_kernels(args: argparse.Namespace) -> int:
 
     progress = _BuildProgress()
     try:
-        path = build_kernels(cache_dir=args.cache_dir, cuda=args.cuda, verbose=args.verbose, force=args.force,
-                             progress=progress)
+        path = build_kernels(
+            cache_dir=args.cache_dir, cuda=args.cuda, verbose=args.verbose, force=args.force, progress=progress
+        )
     except Exception as error:  # a failed build is reported, never a traceback
         progress.close()
         print(f"internimage-hf build-kernels: error: {error}", file=sys.stderr)
@@ -190,36 +240,70 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="internimage-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert an official .pth, OpenGVLab repo folder or Hub id into a "
-                                       "save_pretrained folder with a model card (and push it)")
-    p.add_argument("source", help="official .pth file, OpenGVLab remote-code repo folder, or a Hugging Face Hub "
-                                  "source written hf://owner/name (a repo) or hf://owner/name/file.pth")
+    p = sub.add_parser(
+        "convert",
+        help="convert an official .pth, OpenGVLab repo folder or Hub id into a "
+        "save_pretrained folder with a model card (and push it)",
+    )
+    p.add_argument(
+        "source",
+        help="official .pth file, OpenGVLab remote-code repo folder, or a Hugging Face Hub "
+        "source written hf://owner/name (a repo) or hf://owner/name/file.pth",
+    )
     p.add_argument("output_dir", help="folder to create (written atomically)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--variant", help="official variant: t, s, b, l, xl, h, g (default: detected from the weights; "
-                                         "if both are known they must agree)")
+    which.add_argument(
+        "--variant",
+        help="official variant: t, s, b, l, xl, h, g (default: detected from the weights; "
+        "if both are known they must agree)",
+    )
     which.add_argument("--official-config", help="JSON file of official InternImage(...) keyword arguments")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of SOURCE when it is a local .pth file you trust (never applies to "
-                        "Hub sources)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full unpickling of SOURCE when it is a local .pth file you trust (never applies to Hub sources)",
+    )
     p.add_argument("--use-ema", action="store_true", help="take the 'model_ema' weights of a training checkpoint")
-    p.add_argument("--labels", default="auto", help="auto (ImageNet-1k/22k names for 1000/21841-class heads), "
-                                                    "none (LABEL_i), or a .json list / .txt file of class names")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="preprocessing resolution (default: the official release's evaluation resolution; 384 "
-                        "for other 21841-class heads; else the variant's)")
-    p.add_argument("--release", default=None, help="official release this is (default: identified from the file "
-                                                   "name, variant and head), e.g. internimage-t-1k-224")
-    p.add_argument("--expected", default=None, help="safetensors file with pixel_values, logits and optionally "
-                                                    "stage1..4: the converted model must reproduce them")
-    p.add_argument("--tolerance", type=float, default=None, help="largest relative error accepted by --expected "
-                                                                 "(default 1e-4)")
+    p.add_argument(
+        "--labels",
+        default="auto",
+        help="auto (ImageNet-1k/22k names for 1000/21841-class heads), "
+        "none (LABEL_i), or a .json list / .txt file of class names",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="preprocessing resolution (default: the official release's evaluation resolution; 384 "
+        "for other 21841-class heads; else the variant's)",
+    )
+    p.add_argument(
+        "--release",
+        default=None,
+        help="official release this is (default: identified from the file "
+        "name, variant and head), e.g. internimage-t-1k-224",
+    )
+    p.add_argument(
+        "--expected",
+        default=None,
+        help="safetensors file with pixel_values, logits and optionally "
+        "stage1..4: the converted model must reproduce them",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="largest relative error accepted by --expected (default 1e-4)"
+    )
     p.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size (e.g. 2GB)")
-    p.add_argument("--model-id", default=None, help="repo id the model card's usage snippet loads "
-                                                    "(default: --push-to-hub, else OUTPUT_DIR)")
-    p.add_argument("--base-model", default=None, help="base_model for the card of a fine-tune (default: the base "
-                                                      "release under the same owner)")
+    p.add_argument(
+        "--model-id",
+        default=None,
+        help="repo id the model card's usage snippet loads (default: --push-to-hub, else OUTPUT_DIR)",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base_model for the card of a fine-tune (default: the base release under the same owner)",
+    )
     p.add_argument("--source-revision", default=None, help="revision of a Hub source")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this model repo")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -231,20 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-all", help="convert (and push) every checkpoint of a manifest, with a summary table")
     p.add_argument("manifest", help="manifest JSON (see conversion/manifest.json)")
-    p.add_argument("--source-dir", default=None, help="folder holding the .pth files / remote-code repo folders "
-                                                      "(missing ones are downloaded from the manifest's "
-                                                      "source_repo, when it names one)")
+    p.add_argument(
+        "--source-dir",
+        default=None,
+        help="folder holding the .pth files / remote-code repo folders "
+        "(missing ones are downloaded from the manifest's "
+        "source_repo, when it names one)",
+    )
     p.add_argument("--output-root", default="converted", help="one output folder per entry goes here")
     p.add_argument("--push", action="store_true", help="upload each converted folder to its repo_id")
-    p.add_argument("--only", action="append", default=None, metavar="NAMES",
-                   help="comma-separated entry names to convert (repeatable)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated entry names to convert (repeatable)",
+    )
     p.add_argument("--org", default=None, help="owner replacing {org} in repo ids (default: the manifest's org)")
     done = p.add_mutually_exclusive_group()
     done.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    done.add_argument("--skip-existing", action="store_true",
-                      help="keep output folders from an earlier run (and push them with --push)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of the local .pth files (never of downloaded ones)")
+    done.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="keep output folders from an earlier run (and push them with --push)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full unpickling of the local .pth files (never of downloaded ones)",
+    )
     p.add_argument("--max-shard-size", default=None, help="shard size limit (default 5GB)")
     p.add_argument("--private", action="store_true", help="create the repos private")
     p.add_argument("--revision", default=None, help="branch to push to")
@@ -253,12 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert_all)
 
     p = sub.add_parser("build-kernels", help="compile the DCNv3 CPU (and CUDA) kernel into the local cache")
-    p.add_argument("--cache-dir", default=None, help="kernel cache folder (default: $INTERNIMAGE_HF_KERNEL_CACHE "
-                                                     "or ~/.cache/internimage_hf/kernels)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="kernel cache folder (default: $INTERNIMAGE_HF_KERNEL_CACHE or ~/.cache/internimage_hf/kernels)",
+    )
     cuda = p.add_mutually_exclusive_group()
-    cuda.add_argument("--cuda", action="store_true", default=None,
-                      help="require the CUDA kernel too (needs nvcc and a CUDA build of torch; default: build it "
-                           "when both are present)")
+    cuda.add_argument(
+        "--cuda",
+        action="store_true",
+        default=None,
+        help="require the CUDA kernel too (needs nvcc and a CUDA build of torch; default: build it "
+        "when both are present)",
+    )
     cuda.add_argument("--no-cuda", dest="cuda", action="store_false", help="build the CPU kernel only")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     p.add_argument("--verbose", action="store_true")
@@ -268,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where the model and figures go")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--quick", action="store_true", help="tiny budget (for tests)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the demo model is "
-                                                             "too small to gain from more)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: the demo model is too small to gain from more)",
+    )
     p.set_defaults(func=_demo)
     return parser
 

@@ -92,8 +92,9 @@ def _format_keys(keys, limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_converted_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                           assign: bool = False) -> None:
+def load_converted_weights(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False
+) -> None:
     """Strictly load a converted state dict: any missing or unexpected key, or wrong shape, is an error.
 
     `assign=True` makes the tensors the model's parameters (for a model built on the meta device)."""
@@ -137,8 +138,10 @@ def load_pth(path: str | os.PathLike, trust_pickle: bool = False, use_ema: bool 
                 f"{path} holds Python objects besides tensors; refusing to unpickle it. If you trust the file, "
                 f"pass --trust-pickle (trust_pickle=True)."
             ) from None
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{text.splitlines()[0] if text else type(error).__name__}") from None
+        raise ConversionError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{text.splitlines()[0] if text else type(error).__name__}"
+        ) from None
     return extract_state_dict(checkpoint, use_ema=use_ema, source=str(path))
 
 
@@ -151,8 +154,10 @@ def extract_state_dict(checkpoint, use_ema: bool = False, source: str = "checkpo
             raise ConversionError(f"{source} has no 'model_ema' entry (keys: {_format_keys(checkpoint.keys())})")
         state = checkpoint["model_ema"]
     else:
-        state = next((checkpoint[k] for k in _STATE_DICT_KEYS if k in checkpoint and isinstance(checkpoint[k],
-                                                                                              Mapping)), checkpoint)
+        state = next(
+            (checkpoint[k] for k in _STATE_DICT_KEYS if k in checkpoint and isinstance(checkpoint[k], Mapping)),
+            checkpoint,
+        )
     bad = [k for k, v in state.items() if not torch.is_tensor(v)]
     if bad:
         raise ConversionError(f"{source}: entries that are not tensors: {_format_keys(bad)}")
@@ -169,8 +174,10 @@ def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str = "checkpo
             raise ConversionError(f"{where} is complex ({tensor.dtype}); InternImage weights are real numbers")
         if key.endswith("num_batches_tracked"):
             if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.numel() != 1:
-                raise ConversionError(f"{where} should be one integer (a batch-norm counter); found {tensor.dtype} "
-                                      f"of shape {tuple(tensor.shape)}")
+                raise ConversionError(
+                    f"{where} should be one integer (a batch-norm counter); found {tensor.dtype} "
+                    f"of shape {tuple(tensor.shape)}"
+                )
             continue
         if not tensor.is_floating_point():
             raise ConversionError(f"{where} has dtype {tensor.dtype}; InternImage weights are floating point")
@@ -181,15 +188,19 @@ def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str = "checkpo
             if bad:
                 found = (("NaN", torch.isnan), ("Inf", torch.isinf))
                 kinds = " and ".join(name for name, test in found if bool(test(tensor).any()))
-                raise ConversionError(f"{where} holds {bad} {kinds} value{'s' if bad > 1 else ''} (of "
-                                      f"{tensor.numel()}); refusing to convert broken weights")
+                raise ConversionError(
+                    f"{where} holds {bad} {kinds} value{'s' if bad > 1 else ''} (of "
+                    f"{tensor.numel()}); refusing to convert broken weights"
+                )
 
 
 def weight_files(folder: str | os.PathLike) -> tuple[list[Path], str]:
     """(weight files, "safetensors" | "bin") of a saved model folder, following a shard index when there is one."""
     folder = Path(folder)
-    for index_name, loader in (("model.safetensors.index.json", "safetensors"),
-                               ("pytorch_model.bin.index.json", "bin")):
+    for index_name, loader in (
+        ("model.safetensors.index.json", "safetensors"),
+        ("pytorch_model.bin.index.json", "bin"),
+    ):
         index_path = folder / index_name
         if index_path.is_file():
             try:
@@ -217,8 +228,9 @@ def load_weights_folder(folder: str | os.PathLike) -> dict:
             if loader == "safetensors":
                 state.update(load_file(path))
             else:
-                state.update(extract_state_dict(torch.load(path, map_location="cpu", weights_only=True),
-                                                source=str(path)))
+                state.update(
+                    extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), source=str(path))
+                )
         except ConversionError:
             raise
         except Exception as error:
@@ -235,8 +247,9 @@ def read_official_config(path: str | os.PathLike) -> InternImageConfig:
         raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
     if not isinstance(kwargs, dict):
         kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(kwargs), "null")
-        raise ConversionError(f"{path} holds a JSON {kind}; it must be a JSON object of official InternImage(...) "
-                              f"keyword arguments")
+        raise ConversionError(
+            f"{path} holds a JSON {kind}; it must be a JSON object of official InternImage(...) keyword arguments"
+        )
     for key in ("architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype"):
         kwargs.pop(key, None)
     try:
@@ -339,9 +352,15 @@ def _publishable_permissions(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None = None,
-                    overwrite: bool = False, *, max_shard_size: str | int | None = None,
-                    card: str | None = None) -> Path:
+def save_atomically(
+    model,
+    output_dir: str | os.PathLike,
+    image_size: int | None = None,
+    overwrite: bool = False,
+    *,
+    max_shard_size: str | int | None = None,
+    card: str | None = None,
+) -> Path:
     """Write config, safetensors (sharded above `max_shard_size`), preprocessor config and the README card into
     a staging folder next to `output_dir`, re-read the weights, then move the folder into place. On any failure the
     staging folder is removed and an existing `output_dir` is untouched; staging folders of killed runs are swept
@@ -392,8 +411,9 @@ def save_atomically(model, output_dir: str | os.PathLike, image_size: int | None
     return output_dir
 
 
-def load_official_source(source: str | os.PathLike, trust_pickle: bool = False,
-                         use_ema: bool = False) -> tuple[dict, InternImageConfig | None]:
+def load_official_source(
+    source: str | os.PathLike, trust_pickle: bool = False, use_ema: bool = False
+) -> tuple[dict, InternImageConfig | None]:
     """(state dict, config if the source carries one) from a `.pth` file or an OpenGVLab repo folder."""
     source = Path(source)
     if source.is_dir():
@@ -404,9 +424,16 @@ def load_official_source(source: str | os.PathLike, trust_pickle: bool = False,
     return load_pth(source, trust_pickle=trust_pickle, use_ema=use_ema), None
 
 
-def convert(source: str | os.PathLike, output_dir: str | os.PathLike, variant: str | None = None,
-            official_config: str | os.PathLike | None = None, overwrite: bool = False,
-            trust_pickle: bool = False, use_ema: bool = False, **options) -> Path:
+def convert(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    variant: str | None = None,
+    official_config: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    use_ema: bool = False,
+    **options,
+) -> Path:
     """Convert an official checkpoint into a `save_pretrained` folder (with model card). Returns the folder.
 
     The variant is detected from the weights unless `variant` / `official_config` say otherwise; `options` are
@@ -415,9 +442,16 @@ def convert(source: str | os.PathLike, output_dir: str | os.PathLike, variant: s
     """
     from .conversion.pipeline import convert_checkpoint
 
-    return convert_checkpoint(source, output_dir, variant=variant, official_config=official_config,
-                              overwrite=overwrite, trust_pickle=trust_pickle, use_ema=use_ema,
-                              **options).output_dir
+    return convert_checkpoint(
+        source,
+        output_dir,
+        variant=variant,
+        official_config=official_config,
+        overwrite=overwrite,
+        trust_pickle=trust_pickle,
+        use_ema=use_ema,
+        **options,
+    ).output_dir
 
 
 # ---------------------------------------------------------------------------------------------- OpenGVLab repos
@@ -447,8 +481,9 @@ class OfficialRepo:
             from transformers.utils import cached_file
 
             try:
-                config_path = cached_file(str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False,
-                                          **hub)
+                config_path = cached_file(
+                    str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False, **hub
+                )
             except Exception:
                 return None  # let transformers produce its usual error
             folder = None
@@ -463,8 +498,11 @@ class OfficialRepo:
         if folder is None:
             from huggingface_hub import snapshot_download
 
-            download = {k: v for k, v in hub.items() if k in ("cache_dir", "force_download", "local_files_only",
-                                                              "token", "revision")}
+            download = {
+                k: v
+                for k, v in hub.items()
+                if k in ("cache_dir", "force_download", "local_files_only", "token", "revision")
+            }
             patterns = ["*.json", "*.safetensors", "*.bin"]
             if hub.get("subfolder"):
                 patterns = [f"{hub['subfolder']}/{p}" for p in patterns]

@@ -59,8 +59,9 @@ class ImageSplit:
         return [{"pixel_values": p, "labels": torch.tensor(label)} for p, label in zip(pixels, self.labels)]
 
 
-def load_digits_dataset(image_size: int = IMAGE_SIZE, held_out_fraction: float = HELD_OUT_FRACTION,
-                        seed: int = SEED) -> dict[str, ImageSplit]:
+def load_digits_dataset(
+    image_size: int = IMAGE_SIZE, held_out_fraction: float = HELD_OUT_FRACTION, seed: int = SEED
+) -> dict[str, ImageSplit]:
     """scikit-learn's digits as {"train", "test"} `ImageSplit`s (stratified held-out split), PIL RGB images."""
     import numpy as np
     from PIL import Image
@@ -69,12 +70,14 @@ def load_digits_dataset(image_size: int = IMAGE_SIZE, held_out_fraction: float =
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 -> 0..255
-    images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB")
-              for p in pixels]
+    images = [
+        Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB") for p in pixels
+    ]
     labels = [int(t) for t in digits.target]
     names = [str(i) for i in range(10)]
-    train, test = train_test_split(list(range(len(labels))), test_size=held_out_fraction, random_state=seed,
-                                   stratify=labels)
+    train, test = train_test_split(
+        list(range(len(labels))), test_size=held_out_fraction, random_state=seed, stratify=labels
+    )
     every = ImageSplit(images, labels, names)
     return {"train": every.subset(train), "test": every.subset(test)}
 
@@ -149,18 +152,20 @@ def _run_demo(args) -> int:
         order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(SEED))
         splits["train"] = splits["train"].subset(order[:QUICK_TRAIN_IMAGES].tolist())
     names = splits["train"].names
-    print(f"digits: {len(splits['train'])} training and {len(splits['test'])} held-out images, "
-          f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB, classes {' '.join(names)}")
+    print(
+        f"digits: {len(splits['train'])} training and {len(splits['test'])} held-out images, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} RGB, classes {' '.join(names)}"
+    )
 
     processor = make_image_processor(IMAGE_SIZE)
     train_set = splits["train"].encoded(processor)
     test_set = splits["test"].encoded(processor)
 
-    config = demo_config(num_labels=len(names), id2label=dict(enumerate(names)),
-                         label2id={name: i for i, name in enumerate(names)})
+    config = demo_config(
+        num_labels=len(names), id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}
+    )
     model = InternImageForImageClassification(config)
-    print(f"model: InternImage ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-          f"{epochs:g} epochs")
+    print(f"model: InternImage ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {epochs:g} epochs")
 
     training_args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),
@@ -192,8 +197,10 @@ def _run_demo(args) -> int:
     )
     trainer.train()
     metrics = trainer.evaluate()
-    print(f"Trainer evaluation on the held-out split: accuracy {metrics['eval_accuracy']:.4f}, "
-          f"loss {metrics['eval_loss']:.4f}")
+    print(
+        f"Trainer evaluation on the held-out split: accuracy {metrics['eval_accuracy']:.4f}, "
+        f"loss {metrics['eval_loss']:.4f}"
+    )
 
     trainer.save_model(str(model_dir))  # model + image processor (processing_class)
     print(f"saved model and image processor to {model_dir}")
@@ -209,12 +216,25 @@ def _run_demo(args) -> int:
     for i in range(5):
         print(f"  held-out image {i}: true {names[labels[i]]}, predicted {names[predictions[i]]}")
 
-    figure = save_confusion_matrix(labels, predictions, names, output_dir / "confusion_matrix.png",
-                                   f"InternImage on digits (held-out accuracy {accuracy:.3f})")
+    figure = save_confusion_matrix(
+        labels,
+        predictions,
+        names,
+        output_dir / "confusion_matrix.png",
+        f"InternImage on digits (held-out accuracy {accuracy:.3f})",
+    )
     elapsed = time.perf_counter() - start
-    results = {"held_out_accuracy": accuracy, "trainer_eval_accuracy": metrics["eval_accuracy"], "epochs": epochs,
-               "train_images": len(splits["train"]), "held_out_images": len(labels), "seconds": round(elapsed, 1),
-               "quick": quick, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    results = {
+        "held_out_accuracy": accuracy,
+        "trainer_eval_accuracy": metrics["eval_accuracy"],
+        "epochs": epochs,
+        "train_images": len(splits["train"]),
+        "held_out_images": len(labels),
+        "seconds": round(elapsed, 1),
+        "quick": quick,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
     (output_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"confusion matrix: {figure}")
     print(f"finished in {elapsed:.0f} s")

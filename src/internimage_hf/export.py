@@ -47,8 +47,9 @@ class ExportWrapper(nn.Module):
         elif isinstance(model, InternImageBackbone):
             self.output_names = list(model.out_features)
         else:
-            raise TypeError(f"Cannot export {type(model).__name__}: expected an InternImage classifier, model or "
-                            f"backbone")
+            raise TypeError(
+                f"Cannot export {type(model).__name__}: expected an InternImage classifier, model or backbone"
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values=pixel_values, return_dict=True)
@@ -59,15 +60,17 @@ class ExportWrapper(nn.Module):
         return tuple(out.feature_maps)
 
 
-def _example_input(model: nn.Module, image_size: int | Sequence[int] | None, batch_size: int,
-                   dynamic: bool) -> torch.Tensor:
+def _example_input(
+    model: nn.Module, image_size: int | Sequence[int] | None, batch_size: int, dynamic: bool
+) -> torch.Tensor:
     """Random pixel_values; the default size is the config's, raised to 64 for a dynamic export of a tiny config."""
     if image_size is None:
         image_size = model.config.image_size if not dynamic else max(model.config.image_size, 64)
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if dynamic and min(height, width) < MIN_SIDE:
-        raise ValueError(f"A dynamic-shape export needs an example input with sides >= {MIN_SIDE}; got "
-                         f"{height}x{width}")
+        raise ValueError(
+            f"A dynamic-shape export needs an example input with sides >= {MIN_SIDE}; got {height}x{width}"
+        )
     param = next(model.parameters())
     return torch.randn(batch_size, model.config.num_channels, height, width, dtype=param.dtype, device=param.device)
 
@@ -105,8 +108,9 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model).eval()
     example = _example_input(model, image_size, batch_size, dynamic)
-    kwargs = dict(input_names=["pixel_values"], output_names=wrapper.output_names, opset_version=opset_version,
-                  dynamo=dynamo)
+    kwargs = dict(
+        input_names=["pixel_values"], output_names=wrapper.output_names, opset_version=opset_version, dynamo=dynamo
+    )
     if dynamic and dynamo:
         kwargs["dynamic_shapes"] = _dynamic_shapes(model)
     elif dynamic:
@@ -130,8 +134,9 @@ def export_program(
     """`torch.export.export` of the model (wrapped by `ExportWrapper`), with dynamic batch/height/width."""
     wrapper = ExportWrapper(model).eval()
     example = _example_input(model, image_size, batch_size, dynamic)
-    return torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model) if dynamic else None,
-                               strict=strict)
+    return torch.export.export(
+        wrapper, (example,), dynamic_shapes=_dynamic_shapes(model) if dynamic else None, strict=strict
+    )
 
 
 def validate_onnx(
@@ -159,8 +164,9 @@ def validate_onnx(
         with torch.no_grad():
             expected = wrapper(pixel_values.to(device=param.device, dtype=param.dtype))
         actual = session.run(wrapper.output_names, {"pixel_values": pixel_values.numpy()})
-        errors = {name: relative_error(a, e.float().cpu())
-                  for name, a, e in zip(wrapper.output_names, actual, expected)}
+        errors = {
+            name: relative_error(a, e.float().cpu()) for name, a, e in zip(wrapper.output_names, actual, expected)
+        }
         records.append({"image_size": (height, width), "outputs": errors, "max_relative_error": max(errors.values())})
     return records
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 IMAGENET_1K = 1000
 IMAGENET_22K = 21841
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> tuple[str, ...]:
     text = resources.files("internimage_hf").joinpath("data", name).read_text(encoding="utf-8")
     return tuple(entry["label"] for entry in json.loads(text))

@@ -16,14 +16,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
-
-from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -32,18 +31,17 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_internimage import InternImageConfig
 from .ops import DCNv3Core
 
-
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onednn_bf16() -> bool:
     """oneDNN runs bfloat16 natively only on CPUs with AVX-512 BF16 / AMX."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check is not None and check())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onnx_exporting():
     """A cheap check for `torch.onnx.is_in_onnx_export()`, which re-imports two modules on every call (~1 µs, and
     the fast paths ask ~200 times per forward). Falls back to the public function where torch moved its flags."""
@@ -155,8 +153,9 @@ class InternImageLinear(nn.Linear):
             return F.gelu(out) if gelu else out
         flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         weight, bias = self.weight, self.bias
-        if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or
-                                        (bias is not None and bias.requires_grad)):
+        if torch.is_grad_enabled() and (
+            flat.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
             # never under autocast (onednn_linear_dtype): one dtype throughout
             out = _OneDNNLinear.apply(flat, weight, bias)
             out = F.gelu(out) if gelu else out
@@ -202,11 +201,26 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 class InternImageConvNorm(nn.Module):
     """Conv2d on a channels-first input followed by a channels-last LayerNorm (output channels-last)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool, eps: float,
-                 groups: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        bias: bool,
+        eps: float,
+        groups: int = 1,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                                      padding=(kernel_size - 1) // 2, groups=groups, bias=bias)
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
+            bias=bias,
+        )
         self.norm = nn.LayerNorm(out_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,8 +312,24 @@ class InternImageDCNv3(nn.Module):
             dtype = torch.promote_types(mask.dtype, torch.float32)
             mask = mask.unflatten(-1, (self.groups, self.points)).softmax(-1, dtype=dtype).flatten(-2)
         pad = (self.kernel_size - 1) // 2
-        out = self.core(x, offset, mask.to(x.dtype), self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
-                        self.groups, self.group_channels, self.offset_scale, self.remove_center, fused)
+        out = self.core(
+            x,
+            offset,
+            mask.to(x.dtype),
+            self.kernel_size,
+            self.kernel_size,
+            1,
+            1,
+            pad,
+            pad,
+            1,
+            1,
+            self.groups,
+            self.group_channels,
+            self.offset_scale,
+            self.remove_center,
+            fused,
+        )
         if self.center_feature_scale_proj is not None:
             scale = params[2].repeat_interleave(self.group_channels, dim=-1)
             out = out * (1 - scale) + x * scale
@@ -472,8 +502,9 @@ class InternImageAttentionPooler(nn.Module):
         self.stage4_proj = nn.Conv2d(config.hidden_sizes[-1], dim * 4, 1)
         self.upsample = nn.PixelShuffle(2)
         self.stage3_proj = nn.Conv2d(config.hidden_sizes[-2], dim, 1)
-        self.attention = InternImageAttentionPool(dim, config.projector_out_dim, config.projector_num_heads,
-                                                  config.layer_norm_eps)
+        self.attention = InternImageAttentionPool(
+            dim, config.projector_out_dim, config.projector_num_heads, config.layer_norm_eps
+        )
         self.norm = nn.LayerNorm(config.projector_out_dim, eps=config.layer_norm_eps)
 
     def forward(self, level_outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -571,8 +602,11 @@ class InternImagePreTrainedModel(PreTrainedModel):
                 f"{pixel_values.dim()}-d tensor of shape {tuple(pixel_values.shape)}"
             )
         if pixel_values.shape[1] != self.config.num_channels:
-            hint = " (channels-last input? permute it to (N, C, H, W))" if pixel_values.shape[-1] == \
-                self.config.num_channels else ""
+            hint = (
+                " (channels-last input? permute it to (N, C, H, W))"
+                if pixel_values.shape[-1] == self.config.num_channels
+                else ""
+            )
             raise ValueError(
                 f"pixel_values must have {self.config.num_channels} channels in dimension 1; got shape "
                 f"{tuple(pixel_values.shape)}{hint}"
@@ -587,8 +621,9 @@ class InternImagePreTrainedModel(PreTrainedModel):
             )
         height, width = pixel_values.shape[-2:]
         if height < 32 or width < 32:
-            raise ValueError(f"InternImage needs images of at least 32x32 pixels (its output stride); got "
-                             f"{height}x{width}")
+            raise ValueError(
+                f"InternImage needs images of at least 32x32 pixels (its output stride); got {height}x{width}"
+            )
 
 
 class InternImageModel(InternImagePreTrainedModel):
@@ -622,9 +657,7 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.internimage = InternImageModel(config)
-        self.classifier = (
-            nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        )
+        self.classifier = nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
     @can_return_tuple
@@ -658,9 +691,7 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
 
     @can_return_tuple
     @filter_output_hidden_states
-    def forward(
-        self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> BackboneOutput:
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         stages = self._stages(pixel_values, pooled=False)
         feature_maps = tuple(x for name, x in zip(self.stage_names, stages) if name in self.out_features)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(stages), attentions=None)

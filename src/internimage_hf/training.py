@@ -32,7 +32,7 @@ def _trunk_depth_ids(model: nn.Module) -> dict[int, int]:
         depths = [len(level.layers) for level in encoder.levels]
         total = sum(depths)
 
-        def block_id(level: int, block: int) -> int:
+        def block_id(level: int, block: int, depths=depths, total=total) -> int:
             return total - 1 - (sum(depths[:level]) + block)
 
         def assign(module: nn.Module | None, depth: int) -> None:
@@ -112,8 +112,10 @@ def layer_decay_param_groups(
         if id(param) in dcn_ids:
             scale *= dcn_lr_mul
         decay = 0.0 if no_weight_decay(name, param, keywords) else weight_decay
-        group = groups.setdefault((scale, decay), {"params": [], "param_names": [], "lr": lr * scale,
-                                                   "weight_decay": decay, "lr_scale": scale})
+        group = groups.setdefault(
+            (scale, decay),
+            {"params": [], "param_names": [], "lr": lr * scale, "weight_decay": decay, "lr_scale": scale},
+        )
         group["params"].append(param)
         group["param_names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["lr_scale"], g["weight_decay"]))
@@ -134,8 +136,13 @@ class InternImageTrainer(Trainer):
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
         if self.optimizer is None:
-            groups = layer_decay_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay,
-                                              layer_decay=self.layer_decay, dcn_lr_mul=self.dcn_lr_mul)
+            groups = layer_decay_param_groups(
+                opt_model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                layer_decay=self.layer_decay,
+                dcn_lr_mul=self.dcn_lr_mul,
+            )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer(model)
@@ -192,8 +199,13 @@ def preset_config(name: str, **overrides):
     return demo_config(**overrides) if key == "tiny" else InternImageConfig.from_variant(key, **overrides)
 
 
-def load_model_and_processor(model_class, name_or_path: str, image_size: int | None = None,
-                             ignore_mismatched_sizes: bool = False, **config_overrides):
+def load_model_and_processor(
+    model_class,
+    name_or_path: str,
+    image_size: int | None = None,
+    ignore_mismatched_sizes: bool = False,
+    **config_overrides,
+):
     """(model, image processor) for a preset name (random init) or a `save_pretrained` folder / Hub id.
 
     `config_overrides` (e.g. `num_labels`, `id2label`, `label2id`, `drop_path_rate`, `out_features`) go to the config.
@@ -208,8 +220,9 @@ def load_model_and_processor(model_class, name_or_path: str, image_size: int | N
     if config is not None:
         model = model_class(config)
     else:
-        model = model_class.from_pretrained(str(name_or_path), ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                            **config_overrides)
+        model = model_class.from_pretrained(
+            str(name_or_path), ignore_mismatched_sizes=ignore_mismatched_sizes, **config_overrides
+        )
         if image_size is None:
             from transformers import AutoImageProcessor
 
@@ -241,8 +254,13 @@ def backbone_config_and_weights(name_or_path: str, out_features: Sequence[str]):
 SYNTHETIC_CLASSES = ("red", "green", "blue")
 
 
-def make_synthetic_image_folder(root: str | Path, images_per_class: int = 16, size: int = 48,
-                                classes: Sequence[str] = SYNTHETIC_CLASSES[:2], seed: int = 0) -> Path:
+def make_synthetic_image_folder(
+    root: str | Path,
+    images_per_class: int = 16,
+    size: int = 48,
+    classes: Sequence[str] = SYNTHETIC_CLASSES[:2],
+    seed: int = 0,
+) -> Path:
     """Write `root/<class>/<i>.png`: random stripes whose dominant colour is the class, plus noise.
 
     The layout `datasets.load_dataset("imagefolder", data_dir=root)` reads. Easy to learn and to generalise from,

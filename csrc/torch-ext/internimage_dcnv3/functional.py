@@ -46,13 +46,34 @@ def _output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
-def _check_params(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                  group_channels, offset_scale, remove_center) -> tuple[int, int]:
+def _check_params(
+    h,
+    w,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+) -> tuple[int, int]:
     """What the C++ kernels must never see, refused with one ValueError (as internimage_hf's reference does):
     non-positive sizes, a non-finite offset_scale, no sampling points, an empty output. Returns (H_out, W_out)."""
-    for name, value in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("stride_h", stride_h),
-                        ("stride_w", stride_w), ("dilation_h", dilation_h), ("dilation_w", dilation_w),
-                        ("group", group), ("group_channels", group_channels)):
+    for name, value in (
+        ("kernel_h", kernel_h),
+        ("kernel_w", kernel_w),
+        ("stride_h", stride_h),
+        ("stride_w", stride_w),
+        ("dilation_h", dilation_h),
+        ("dilation_w", dilation_w),
+        ("group", group),
+        ("group_channels", group_channels),
+    ):
         if value < 1:
             raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
     if pad_h < 0 or pad_w < 0:
@@ -62,14 +83,18 @@ def _check_params(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, di
     if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
         raise ValueError("DCNv3 remove_center needs an odd kernel size")
     if kernel_h * kernel_w - int(bool(remove_center)) < 1:
-        raise ValueError(f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
-                         "none (use a kernel of at least 3x3, or remove_center=0)")
+        raise ValueError(
+            f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+            "none (use a kernel of at least 3x3, or remove_center=0)"
+        )
     h_out = _output_size(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = _output_size(w, kernel_w, stride_w, pad_w, dilation_w)
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
-                         f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
-                         f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})")
+        raise ValueError(
+            f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+            f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
+            f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})"
+        )
     return h_out, w_out
 
 
@@ -81,8 +106,9 @@ def _check_input(input, *params) -> tuple[int, int]:
 
 def _check_devices(input, offset, mask) -> None:
     if offset.device != input.device or mask.device != input.device:
-        raise ValueError(f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, "
-                         f"{mask.device}")
+        raise ValueError(
+            f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, {mask.device}"
+        )
 
 
 # The autograd formula and fake implementations are registered once per process and op namespace. This package
@@ -110,10 +136,39 @@ def _register(kind: str, name: str, fn, **kwargs) -> None:
         torch.library.register_autograd(qualname, fn, **kwargs)
 
 
-def _forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                  dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
-    h_out, w_out = _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                                dilation_w, group, group_channels, offset_scale, remove_center)
+def _forward_fake(
+    input,
+    offset,
+    mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+    mask_softmax=False,
+):
+    h_out, w_out = _check_input(
+        input,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
     return input.new_empty((input.shape[0], h_out, w_out, input.shape[3]))
 
 
@@ -138,33 +193,137 @@ _register("fake", "dcnv3_backward", _backward_fake)
 _register("autograd", "dcnv3_forward", _backward, setup_context=_setup_context)
 
 
-def dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                  dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False) -> torch.Tensor:
+def dcnv3_forward(
+    input,
+    offset,
+    mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+    mask_softmax=False,
+) -> torch.Tensor:
     """The registered forward op (differentiable through its registered autograd formula)."""
-    _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                 group_channels, offset_scale, remove_center)
+    _check_input(
+        input,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
     _check_devices(input, offset, mask)
-    return ops.dcnv3_forward(input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w),
-                             int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
-                             int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
+    return ops.dcnv3_forward(
+        input,
+        offset,
+        mask,
+        int(kernel_h),
+        int(kernel_w),
+        int(stride_h),
+        int(stride_w),
+        int(pad_h),
+        int(pad_w),
+        int(dilation_h),
+        int(dilation_w),
+        int(group),
+        int(group_channels),
+        float(offset_scale),
+        int(remove_center),
+        bool(mask_softmax),
+    )
 
 
-def dcnv3_backward(grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                   dilation_h, dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False):
+def dcnv3_backward(
+    grad_output,
+    input,
+    offset,
+    mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+    mask_softmax=False,
+):
     """The registered backward op: (grad_input, grad_offset, grad_mask); grad_mask is for the logits if
     mask_softmax."""
-    _check_input(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                 group_channels, offset_scale, remove_center)
+    _check_input(
+        input,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
     _check_devices(input, offset, mask)
-    return ops.dcnv3_backward(grad_output, input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h),
-                              int(stride_w), int(pad_h), int(pad_w), int(dilation_h), int(dilation_w), int(group),
-                              int(group_channels), float(offset_scale), int(remove_center), bool(mask_softmax))
+    return ops.dcnv3_backward(
+        grad_output,
+        input,
+        offset,
+        mask,
+        int(kernel_h),
+        int(kernel_w),
+        int(stride_h),
+        int(stride_w),
+        int(pad_h),
+        int(pad_w),
+        int(dilation_h),
+        int(dilation_w),
+        int(group),
+        int(group_channels),
+        float(offset_scale),
+        int(remove_center),
+        bool(mask_softmax),
+    )
 
 
-def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
-               stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
-               group_channels: int, offset_scale: float, remove_center: int,
-               mask_softmax: bool = False) -> torch.Tensor:
+def dcnv3_core(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+    mask_softmax: bool = False,
+) -> torch.Tensor:
     """DCNv3 core (official argument order). offset and mask are cast to input's dtype (as under autocast).
 
     mask_softmax: `mask` holds logits, softmaxed over each (pixel, group)'s points inside the op (one pass fewer
@@ -173,6 +332,21 @@ def dcnv3_core(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, ke
         offset = offset.to(input.dtype)
     if mask.dtype != input.dtype:
         mask = mask.to(input.dtype)
-    return dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                         dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax)
-
+    return dcnv3_forward(
+        input,
+        offset,
+        mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+        mask_softmax,
+    )

@@ -14,12 +14,43 @@ class DCNv3Core(nn.Module):
     has_backward = True
     can_torch_compile = True
 
-    def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
-                stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
-                group_channels: int, offset_scale: float, remove_center: int,
-                mask_softmax: bool = False) -> torch.Tensor:
-        return dcnv3_core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                          dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax)
+    def forward(
+        self,
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: int,
+        mask_softmax: bool = False,
+    ) -> torch.Tensor:
+        return dcnv3_core(
+            input,
+            offset,
+            mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+            mask_softmax,
+        )
 
 
 __all__ = ["DCNv3Core"]

@@ -55,12 +55,24 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
-                output_root: str | os.PathLike = "converted", push: bool = False, only: list[str] | None = None,
-                org: str | None = None, overwrite: bool = False, skip_existing: bool = False,
-                trust_pickle: bool = False,
-                private: bool = False, revision: str | None = None, create_pr: bool = False,
-                max_shard_size: str | None = None, api=None, stream: TextIO | None = None) -> list[EntryResult]:
+def convert_all(
+    manifest: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    output_root: str | os.PathLike = "converted",
+    push: bool = False,
+    only: list[str] | None = None,
+    org: str | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    trust_pickle: bool = False,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: str | None = None,
+    api=None,
+    stream: TextIO | None = None,
+) -> list[EntryResult]:
     """Convert every (or every `only`-named) entry of a manifest; returns one result per entry, in order."""
     from tqdm.auto import tqdm
 
@@ -73,8 +85,9 @@ def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | 
         wanted = [name.strip() for item in only for name in item.split(",") if name.strip()]
         unknown = sorted(set(wanted) - {e.name for e in entries})
         if unknown:
-            raise ValueError(f"--only names not in the manifest: {', '.join(unknown)} "
-                             f"(it has {', '.join(e.name for e in entries)})")
+            raise ValueError(
+                f"--only names not in the manifest: {', '.join(unknown)} (it has {', '.join(e.name for e in entries)})"
+            )
         entries = [e for e in entries if e.name in wanted]
     source_repo = data.get("source_repo")
     source_dir = Path(source_dir) if source_dir is not None else None
@@ -96,11 +109,18 @@ def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | 
         start = time.perf_counter()
         output_dir = output_root / entry.name
         result = EntryResult(entry.name, "failed", 0.0, output_dir=output_dir)
+
         def upload(folder: Path, result=result, entry=entry, bar=bar) -> None:
             bar.set_postfix_str("push")
-            result.url = push_folder(folder, entry.repo_id, private=private, revision=revision, create_pr=create_pr,
-                                     commit_message=f"Add {entry.name} (converted from {Path(entry.source).name} "
-                                                    f"with internimage_hf)", api=api)
+            result.url = push_folder(
+                folder,
+                entry.repo_id,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=f"Add {entry.name} (converted from {Path(entry.source).name} with internimage_hf)",
+                api=api,
+            )
             bar.update(1)
             result.status = "pushed"
 
@@ -109,8 +129,10 @@ def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | 
                 # converted by an earlier run (folders only appear when complete)
                 card = output_dir / "README.md"
                 if push and (not card.is_file() or f'model="{entry.repo_id}"' not in card.read_text()):
-                    raise ValueError(f"{output_dir} was converted for another repo id than {entry.repo_id} (see its "
-                                     f"README.md); convert it again with --overwrite")
+                    raise ValueError(
+                        f"{output_dir} was converted for another repo id than {entry.repo_id} (see its "
+                        f"README.md); convert it again with --overwrite"
+                    )
                 bar.update(len(STEPS))
                 result.status = "exists"
                 if push:
@@ -140,8 +162,11 @@ def convert_all(manifest: str | os.PathLike, *, source_dir: str | os.PathLike | 
             if push:
                 upload(converted.output_dir)
         except Exception as error:  # one entry's failure, whatever it is, must not stop the others
-            result.error = _one_line(error) if isinstance(error, (ConversionError, OSError, ValueError)) else \
-                f"{type(error).__name__}: {_one_line(error)}"
+            result.error = (
+                _one_line(error)
+                if isinstance(error, (ConversionError, OSError, ValueError))
+                else f"{type(error).__name__}: {_one_line(error)}"
+            )
             bar.set_postfix_str("failed")
         finally:
             result.seconds = time.perf_counter() - start

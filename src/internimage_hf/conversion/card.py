@@ -65,12 +65,20 @@ def card_metadata(facts: CardFacts):
         datasets = ["imagenet-1k" if facts.labels == "imagenet-1k" else "imagenet-21k"]
     eval_results = None
     if release is not None and release.top1 is not None:
-        eval_results = [EvalResult(
-            task_type="image-classification", task_name="Image Classification", dataset_type="imagenet-1k",
-            dataset_name="ImageNet-1k", dataset_split="validation", metric_type="accuracy",
-            metric_value=release.top1, metric_name="Top-1 accuracy (%)",
-            source_name="Official InternImage results", source_url=CODE_URL,
-        )]
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type="imagenet-1k",
+                dataset_name="ImageNet-1k",
+                dataset_split="validation",
+                metric_type="accuracy",
+                metric_value=release.top1,
+                metric_name="Top-1 accuracy (%)",
+                source_name="Official InternImage results",
+                source_url=CODE_URL,
+            )
+        ]
     extra = {"base_model_relation": "finetune"} if facts.base_model else {}
     return ModelCardData(
         library_name="transformers",
@@ -107,9 +115,15 @@ print(model.config.id2label[logits.argmax(-1).item()])
 def render_card(facts: CardFacts) -> str:
     release = facts.release
     size = facts.image_size
-    head = _LABEL_TEXT.get(facts.labels, f"{facts.num_labels} classes" + (
-        " (generic names `LABEL_i`; set `id2label` for your classes)" if facts.labels == "generic" else
-        " (names in `config.id2label`)"))
+    head = _LABEL_TEXT.get(
+        facts.labels,
+        f"{facts.num_labels} classes"
+        + (
+            " (generic names `LABEL_i`; set `id2label` for your classes)"
+            if facts.labels == "generic"
+            else " (names in `config.id2label`)"
+        ),
+    )
     lines = [f"# {facts.title}" + (f" ({release.name})" if release else ""), ""]
     if release is not None:
         lines += [
@@ -142,7 +156,8 @@ def render_card(facts: CardFacts) -> str:
         f"| Input | {size}x{size} RGB: resize the shorter side to {size} (bicubic), centre-crop {size}x{size}, "
         f"ImageNet mean/std (the official evaluation transform; `AutoImageProcessor` does it) |",
         f"| Parameters | {_millions(facts.num_parameters)} ({facts.num_parameters:,}, counted)"
-        + (f"; officially reported: {release.params}" if release is not None and release.params else "") + " |",
+        + (f"; officially reported: {release.params}" if release is not None and release.params else "")
+        + " |",
     ]
     if release is not None and release.flops:
         lines.append(f"| FLOPs (official) | {release.flops} at {size}x{size} |")

@@ -60,13 +60,21 @@ def download_source(source: str, revision: str | None = None, cache_dir: str | N
         if filename:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                        local_files_only=offline))
+            path = Path(
+                hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+            )
         else:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                          allow_patterns=_WEIGHT_PATTERNS, local_files_only=offline))
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=_WEIGHT_PATTERNS,
+                    local_files_only=offline,
+                )
+            )
     except Exception as error:  # network, auth, missing repo/file, offline cache miss: all one line
         where = f"{repo_id}/{filename}" if filename else repo_id
         if offline:
@@ -81,8 +89,16 @@ def download_source(source: str, revision: str | None = None, cache_dir: str | N
     return path, commit
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                create_pr: bool = False, commit_message: str | None = None, api=None) -> str:
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    api=None,
+) -> str:
     """Create the model repo if needed (and the branch `revision`), upload the folder; returns the commit/PR URL."""
     if api is None:
         from huggingface_hub import HfApi
@@ -94,8 +110,14 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
-                                 create_pr=create_pr, commit_message=message)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message,
+        )
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"upload of {folder} to {repo_id} failed: {reason}") from None

@@ -68,8 +68,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def read_source(source: str | os.PathLike, *, trust_pickle: bool = False, use_ema: bool = False,
-                revision: str | None = None) -> tuple[dict, InternImageConfig | None, SourceInfo]:
+def read_source(
+    source: str | os.PathLike, *, trust_pickle: bool = False, use_ema: bool = False, revision: str | None = None
+) -> tuple[dict, InternImageConfig | None, SourceInfo]:
     """(official state dict, config the source carries or None, SourceInfo).
 
     A source is a local file or folder, or a Hub reference written `hf://owner/name[/file]` (downloaded first). A
@@ -81,8 +82,9 @@ def read_source(source: str | os.PathLike, *, trust_pickle: bool = False, use_em
     hub = text.startswith(HUB_SCHEME)
     if hub:
         if parse_hub_reference(text) is None:
-            raise ConversionError(f"{text}: not a Hub reference of the form {HUB_SCHEME}owner/name or "
-                                  f"{HUB_SCHEME}owner/name/path/to/file")
+            raise ConversionError(
+                f"{text}: not a Hub reference of the form {HUB_SCHEME}owner/name or {HUB_SCHEME}owner/name/path/to/file"
+            )
         path, commit = download_source(text, revision=revision)
     else:
         path, commit = Path(source), None
@@ -96,15 +98,16 @@ def read_source(source: str | os.PathLike, *, trust_pickle: bool = False, use_em
     except PickleRefused:
         if not hub:
             raise
-        raise ConversionError(f"{text} holds Python objects besides tensors; refusing to unpickle a downloaded file "
-                              f"(--trust-pickle applies only to a local file you name: download it, check it, and "
-                              f"convert the local copy)") from None
+        raise ConversionError(
+            f"{text} holds Python objects besides tensors; refusing to unpickle a downloaded file "
+            f"(--trust-pickle applies only to a local file you name: download it, check it, and "
+            f"convert the local copy)"
+        ) from None
     check_tensors(state_dict, text if hub else Path(source).name)
     files = weight_files(path)[0] if path.is_dir() else [path]
     # a local path is named by its last component only: the card is public, the folder layout is not
     label = text if hub else Path(source).name
-    info = SourceInfo(label=label, files=[(f.name, sha256_file(f)) for f in files], commit=commit,
-                      use_ema=use_ema)
+    info = SourceInfo(label=label, files=[(f.name, sha256_file(f)) for f in files], commit=commit, use_ema=use_ema)
     return state_dict, config, info
 
 
@@ -126,9 +129,11 @@ class ConversionPlan:
 
     def architecture_text(self) -> str:
         c = self.config
-        text = (f"channels {c.channels}, depths {'-'.join(map(str, c.depths))}, groups "
-                f"{'-'.join(map(str, c.groups))}, offset scale {c.offset_scale:g}, DCNv3 depthwise kernel "
-                f"{c.dw_kernel_size}")
+        text = (
+            f"channels {c.channels}, depths {'-'.join(map(str, c.depths))}, groups "
+            f"{'-'.join(map(str, c.groups))}, offset scale {c.offset_scale:g}, DCNv3 depthwise kernel "
+            f"{c.dw_kernel_size}"
+        )
         if c.layer_scale is not None:
             text += ", layer scale"
         if c.post_norm:
@@ -155,8 +160,10 @@ def apply_labels(config: InternImageConfig, labels: str = "auto") -> str:
         names = imagenet_labels(count)
         if names is None:
             if mode == "imagenet":
-                raise ConversionError(f"--labels imagenet needs a {IMAGENET_1K}- or {IMAGENET_22K}-class head; "
-                                      f"this checkpoint has {count} classes")
+                raise ConversionError(
+                    f"--labels imagenet needs a {IMAGENET_1K}- or {IMAGENET_22K}-class head; "
+                    f"this checkpoint has {count} classes"
+                )
             return "generic" if generic else "custom"
         if mode == "auto" and not generic:
             return "custom"  # the source's own names win
@@ -170,17 +177,19 @@ def apply_labels(config: InternImageConfig, labels: str = "auto") -> str:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         reason = error.strerror or str(error)
-        raise ConversionError(f"--labels {labels}: not 'auto', 'imagenet', 'none' or a readable file ({reason})"
-                              ) from None
+        raise ConversionError(
+            f"--labels {labels}: not 'auto', 'imagenet', 'none' or a readable file ({reason})"
+        ) from None
     except UnicodeDecodeError as error:
-        raise ConversionError(f"--labels {labels}: not a UTF-8 text file ({error.reason} at byte {error.start})"
-                              ) from None
+        raise ConversionError(
+            f"--labels {labels}: not a UTF-8 text file ({error.reason} at byte {error.start})"
+        ) from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConversionError(f"--labels {labels}: not valid JSON ({error})") from None
-        shape = "a JSON labels file is a list of class names or an object {\"0\": name, ...}"
+        shape = 'a JSON labels file is a list of class names or an object {"0": name, ...}'
         if isinstance(data, list):
             names = dict(enumerate(data))
         elif isinstance(data, dict):
@@ -200,8 +209,9 @@ def apply_labels(config: InternImageConfig, labels: str = "auto") -> str:
     return "custom"
 
 
-def resolve_image_size(variant: str | None, num_labels: int, release: Release | None, override: int | None,
-                       config: InternImageConfig) -> int:
+def resolve_image_size(
+    variant: str | None, num_labels: int, release: Release | None, override: int | None, config: InternImageConfig
+) -> int:
     """--image-size, else the release's eval resolution, else 384 for 22k heads (every 22k release's) or the
     variant's eval resolution, else the config's."""
     if override:
@@ -219,10 +229,17 @@ def resolve_image_size(variant: str | None, num_labels: int, release: Release | 
     return size
 
 
-def plan_conversion(converted: Mapping[str, torch.Tensor], *, config: InternImageConfig | None = None,
-                    variant: str | None = None, source_config: InternImageConfig | None = None,
-                    labels: str = "auto", image_size: int | None = None, release: Release | str | None = None,
-                    source_name: str | None = None) -> ConversionPlan:
+def plan_conversion(
+    converted: Mapping[str, torch.Tensor],
+    *,
+    config: InternImageConfig | None = None,
+    variant: str | None = None,
+    source_config: InternImageConfig | None = None,
+    labels: str = "auto",
+    image_size: int | None = None,
+    release: Release | str | None = None,
+    source_name: str | None = None,
+) -> ConversionPlan:
     """Decide what to build from converted key names and shapes (meta tensors are fine).
 
     Config precedence: `config` (from --official-config) > `variant` (checked against the weights: a different
@@ -273,8 +290,9 @@ def plan_conversion(converted: Mapping[str, torch.Tensor], *, config: InternImag
     size = resolve_image_size(found, config.num_labels, release, image_size, config)
     config.image_size = size
     label_kind = apply_labels(config, labels)
-    return ConversionPlan(config=config, architecture=architecture, variant=found, release=release,
-                          image_size=size, labels=label_kind)
+    return ConversionPlan(
+        config=config, architecture=architecture, variant=found, release=release, image_size=size, labels=label_kind
+    )
 
 
 # ---------------------------------------------------------------------------------------------- build, verify
@@ -289,8 +307,9 @@ def build_model(plan: ConversionPlan, converted: Mapping[str, torch.Tensor]):
         load_converted_weights(model, tensors, assign=True)
     except ConversionError as error:
         if plan.architecture is not None and plan.variant and match_variant(plan.architecture) != plan.variant:
-            raise ConversionError(f"state dict ({plan.architecture.short()}) does not fit "
-                                  f"{variant_title(plan.variant)}: {error}") from None
+            raise ConversionError(
+                f"state dict ({plan.architecture.short()}) does not fit {variant_title(plan.variant)}: {error}"
+            ) from None
         raise
     return model.eval()
 
@@ -316,8 +335,10 @@ class Verification:
     def sentence(self) -> str:
         if self.expected is None:
             return "none was run for this conversion (no reference outputs were given)."
-        return (f"outputs on the inputs of `{self.expected}` match its reference outputs with relative errors "
-                f"{self.errors_text()} (‖out − ref‖ / ‖ref‖, float32; tolerance {self.tolerance:g}): passed.")
+        return (
+            f"outputs on the inputs of `{self.expected}` match its reference outputs with relative errors "
+            f"{self.errors_text()} (‖out − ref‖ / ‖ref‖, float32; tolerance {self.tolerance:g}): passed."
+        )
 
 
 def verify_expected(model, expected: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE) -> Verification:
@@ -341,13 +362,17 @@ def verify_expected(model, expected: str | os.PathLike, tolerance: float = DEFAU
     errors = {}
     for name, value in results.items():
         if tuple(value.shape) != tuple(reference[name].shape):
-            raise ConversionError(f"verification against {path.name} failed: {name} has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(reference[name].shape)}")
+            raise ConversionError(
+                f"verification against {path.name} failed: {name} has shape {tuple(value.shape)}, "
+                f"expected {tuple(reference[name].shape)}"
+            )
         errors[name] = relative_error(value, reference[name])
     result = Verification(num_tensors=0, expected=path.name, errors=errors, tolerance=float(tolerance))
     if not result.passed:
-        raise ConversionError(f"verification against {path.name} failed: relative errors {result.errors_text()} "
-                              f"exceed the tolerance {tolerance:g}")
+        raise ConversionError(
+            f"verification against {path.name} failed: relative errors {result.errors_text()} "
+            f"exceed the tolerance {tolerance:g}"
+        )
     return result
 
 
@@ -367,8 +392,11 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"internimage_hf": __version__, "transformers": transformers.__version__,
-            "torch": torch.__version__.split("+")[0]}
+    return {
+        "internimage_hf": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
 
 
 def default_base_model(release: Release | None, model_id: str | None) -> str | None:
@@ -382,8 +410,14 @@ def default_base_model(release: Release | None, model_id: str | None) -> str | N
     return RELEASES_BY_NAME[release.base].remote_code_repo
 
 
-def card_facts(plan: ConversionPlan, source: SourceInfo, verification: Verification, num_parameters: int,
-               model_id: str, base_model: str | None = None):
+def card_facts(
+    plan: ConversionPlan,
+    source: SourceInfo,
+    verification: Verification,
+    num_parameters: int,
+    model_id: str,
+    base_model: str | None = None,
+):
     from .card import CardFacts
 
     return CardFacts(
@@ -437,13 +471,22 @@ def convert_checkpoint(
         raise ConversionError(f"{output_dir} already exists; choose another folder or pass --overwrite")
     config = read_official_config(official_config) if official_config else None  # before a long read
     step("read")
-    state_dict, source_config, source_info = read_source(source, trust_pickle=trust_pickle, use_ema=use_ema,
-                                                         revision=revision)
+    state_dict, source_config, source_info = read_source(
+        source, trust_pickle=trust_pickle, use_ema=use_ema, revision=revision
+    )
     converted = convert_official_state_dict(state_dict)
     del state_dict
     step("detect")
-    plan = plan_conversion(converted, config=config, variant=variant, source_config=source_config, labels=labels,
-                           image_size=image_size, release=release, source_name=str(source))
+    plan = plan_conversion(
+        converted,
+        config=config,
+        variant=variant,
+        source_config=source_config,
+        labels=labels,
+        image_size=image_size,
+        release=release,
+        source_name=str(source),
+    )
     step("load")
     model = build_model(plan, converted)
     del converted
@@ -458,10 +501,18 @@ def convert_checkpoint(
     if write_card:
         from .card import render_card
 
-        card = render_card(card_facts(plan, source_info, verification, num_parameters,
-                                      model_id or str(output_dir), base_model))
+        card = render_card(
+            card_facts(plan, source_info, verification, num_parameters, model_id or str(output_dir), base_model)
+        )
     step("save")
-    save_atomically(model, output_dir, image_size=plan.image_size, overwrite=overwrite,
-                    max_shard_size=max_shard_size, card=card)
-    return ConversionResult(output_dir=output_dir, plan=plan, source=source_info, verification=verification,
-                            num_parameters=num_parameters, card=card)
+    save_atomically(
+        model, output_dir, image_size=plan.image_size, overwrite=overwrite, max_shard_size=max_shard_size, card=card
+    )
+    return ConversionResult(
+        output_dir=output_dir,
+        plan=plan,
+        source=source_info,
+        verification=verification,
+        num_parameters=num_parameters,
+        card=card,
+    )

@@ -62,38 +62,133 @@ class Release:
 
 _IN1K = "ImageNet-1k (1.28M images), 300 epochs at 224x224"
 _IN22K_LXL = "ImageNet-22k (14M images, 21841 classes), pretrained at 192x192 and fine-tuned at 384x384"
-_JOINT = ("a joint public dataset of 427M images, then ImageNet-22k (21841 classes) at 384x384")
+_JOINT = "a joint public dataset of 427M images, then ImageNet-22k (21841 classes) at 384x384"
 
 RELEASES: tuple[Release, ...] = (
-    Release("internimage-t-1k-224", "t", "1k", 224, "internimage_t_1k_224.pth", "OpenGVLab/internimage_t_1k_224",
-            _IN1K, top1=83.5, params="30M", flops="5G"),
-    Release("internimage-s-1k-224", "s", "1k", 224, "internimage_s_1k_224.pth", "OpenGVLab/internimage_s_1k_224",
-            _IN1K, top1=84.2, params="50M", flops="8G"),
-    Release("internimage-b-1k-224", "b", "1k", 224, "internimage_b_1k_224.pth", "OpenGVLab/internimage_b_1k_224",
-            _IN1K, top1=84.9, params="97M", flops="16G"),
-    Release("internimage-l-22k-384", "l", "22k", 384, "internimage_l_22k_192to384.pth",
-            "OpenGVLab/internimage_l_22k_384", _IN22K_LXL),
-    Release("internimage-l-22kto1k-384", "l", "1k", 384, "internimage_l_22kto1k_384.pth",
-            "OpenGVLab/internimage_l_22kto1k_384", "ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 384x384",
-            top1=87.7, params="223M", flops="108G", base="internimage-l-22k-384"),
-    Release("internimage-xl-22k-384", "xl", "22k", 384, "internimage_xl_22k_192to384.pth",
-            "OpenGVLab/internimage_xl_22k_384", _IN22K_LXL),
-    Release("internimage-xl-22kto1k-384", "xl", "1k", 384, "internimage_xl_22kto1k_384.pth",
-            "OpenGVLab/internimage_xl_22kto1k_384",
-            "ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 384x384",
-            top1=88.0, params="335M", flops="163G", base="internimage-xl-22k-384"),
-    Release("internimage-h-jointto22k-384", "h", "22k", 384, "internimage_h_jointto22k_384.pth",
-            "OpenGVLab/internimage_h_jointto22k_384", _JOINT),
-    Release("internimage-h-22kto1k-640", "h", "1k", 640, "internimage_h_22kto1k_640.pth",
-            "OpenGVLab/internimage_h_22kto1k_640",
-            "joint 427M-image + ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 640x640",
-            top1=89.6, params="1.08B", flops="1478G", base="internimage-h-jointto22k-384"),
-    Release("internimage-g-jointto22k-384", "g", "22k", 384, "internimage_g_pretrainto22k_384.pth",
-            "OpenGVLab/internimage_g_jointto22k_384", _JOINT),
-    Release("internimage-g-22kto1k-512", "g", "1k", 512, "internimage_g_22kto1k_512.pth",
-            "OpenGVLab/internimage_g_22kto1k_512",
-            "joint 427M-image + ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 512x512",
-            top1=90.1, params="3B", flops="2700G", base="internimage-g-jointto22k-384"),
+    Release(
+        "internimage-t-1k-224",
+        "t",
+        "1k",
+        224,
+        "internimage_t_1k_224.pth",
+        "OpenGVLab/internimage_t_1k_224",
+        _IN1K,
+        top1=83.5,
+        params="30M",
+        flops="5G",
+    ),
+    Release(
+        "internimage-s-1k-224",
+        "s",
+        "1k",
+        224,
+        "internimage_s_1k_224.pth",
+        "OpenGVLab/internimage_s_1k_224",
+        _IN1K,
+        top1=84.2,
+        params="50M",
+        flops="8G",
+    ),
+    Release(
+        "internimage-b-1k-224",
+        "b",
+        "1k",
+        224,
+        "internimage_b_1k_224.pth",
+        "OpenGVLab/internimage_b_1k_224",
+        _IN1K,
+        top1=84.9,
+        params="97M",
+        flops="16G",
+    ),
+    Release(
+        "internimage-l-22k-384",
+        "l",
+        "22k",
+        384,
+        "internimage_l_22k_192to384.pth",
+        "OpenGVLab/internimage_l_22k_384",
+        _IN22K_LXL,
+    ),
+    Release(
+        "internimage-l-22kto1k-384",
+        "l",
+        "1k",
+        384,
+        "internimage_l_22kto1k_384.pth",
+        "OpenGVLab/internimage_l_22kto1k_384",
+        "ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 384x384",
+        top1=87.7,
+        params="223M",
+        flops="108G",
+        base="internimage-l-22k-384",
+    ),
+    Release(
+        "internimage-xl-22k-384",
+        "xl",
+        "22k",
+        384,
+        "internimage_xl_22k_192to384.pth",
+        "OpenGVLab/internimage_xl_22k_384",
+        _IN22K_LXL,
+    ),
+    Release(
+        "internimage-xl-22kto1k-384",
+        "xl",
+        "1k",
+        384,
+        "internimage_xl_22kto1k_384.pth",
+        "OpenGVLab/internimage_xl_22kto1k_384",
+        "ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 384x384",
+        top1=88.0,
+        params="335M",
+        flops="163G",
+        base="internimage-xl-22k-384",
+    ),
+    Release(
+        "internimage-h-jointto22k-384",
+        "h",
+        "22k",
+        384,
+        "internimage_h_jointto22k_384.pth",
+        "OpenGVLab/internimage_h_jointto22k_384",
+        _JOINT,
+    ),
+    Release(
+        "internimage-h-22kto1k-640",
+        "h",
+        "1k",
+        640,
+        "internimage_h_22kto1k_640.pth",
+        "OpenGVLab/internimage_h_22kto1k_640",
+        "joint 427M-image + ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 640x640",
+        top1=89.6,
+        params="1.08B",
+        flops="1478G",
+        base="internimage-h-jointto22k-384",
+    ),
+    Release(
+        "internimage-g-jointto22k-384",
+        "g",
+        "22k",
+        384,
+        "internimage_g_pretrainto22k_384.pth",
+        "OpenGVLab/internimage_g_jointto22k_384",
+        _JOINT,
+    ),
+    Release(
+        "internimage-g-22kto1k-512",
+        "g",
+        "1k",
+        512,
+        "internimage_g_22kto1k_512.pth",
+        "OpenGVLab/internimage_g_22kto1k_512",
+        "joint 427M-image + ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 512x512",
+        top1=90.1,
+        params="3B",
+        flops="2700G",
+        base="internimage-g-jointto22k-384",
+    ),
 )
 
 RELEASES_BY_NAME = {release.name: release for release in RELEASES}
@@ -129,20 +224,22 @@ def build_manifest(org: str = DEFAULT_ORG) -> dict:
     """The publishing manifest for every official release (what `conversion/manifest.json` holds)."""
     entries = []
     for release in RELEASES:
-        entries.append({
-            "name": release.name,
-            "source": release.source_file,
-            "remote_code_repo": release.remote_code_repo,
-            "variant": release.variant,
-            "head": release.head,
-            "num_labels": release.num_labels,
-            "image_size": release.image_size,
-            "repo_id": f"{{org}}/{release.name}",
-            "base_model": f"{{org}}/{release.base}" if release.base else None,
-            "base_model_relation": "finetune" if release.base else None,
-            "training": release.training,
-            "official": {"top1": release.top1, "params": release.params, "flops": release.flops},
-        })
+        entries.append(
+            {
+                "name": release.name,
+                "source": release.source_file,
+                "remote_code_repo": release.remote_code_repo,
+                "variant": release.variant,
+                "head": release.head,
+                "num_labels": release.num_labels,
+                "image_size": release.image_size,
+                "repo_id": f"{{org}}/{release.name}",
+                "base_model": f"{{org}}/{release.base}" if release.base else None,
+                "base_model_relation": "finetune" if release.base else None,
+                "training": release.training,
+                "official": {"top1": release.top1, "params": release.params, "flops": release.flops},
+            }
+        )
     return {"version": MANIFEST_VERSION, "org": org, "source_repo": f"hf://{OFFICIAL_REPO}", "entries": entries}
 
 
@@ -160,8 +257,10 @@ def check_entry_name(name) -> str | None:
     if not isinstance(name, str):
         return f"is not a string ({type(name).__name__})"
     if not _ENTRY_NAME.match(name) or name.endswith("."):
-        return ("is not a plain folder name: use 1-96 letters, digits, '.', '_' or '-', starting with a letter or "
-                "digit (no '/', no '..')")
+        return (
+            "is not a plain folder name: use 1-96 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (no '/', no '..')"
+        )
     return None
 
 
@@ -210,8 +309,10 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
             raise ValueError(f"{path}: entry {number} needs at least 'name' and 'source'")
         problem = check_entry_name(raw["name"])
         if problem:
-            raise ValueError(f"{path}: entry {number}'s name {raw['name']!a} {problem}; it names the entry's "
-                             f"output folder under --output-root")
+            raise ValueError(
+                f"{path}: entry {number}'s name {raw['name']!a} {problem}; it names the entry's "
+                f"output folder under --output-root"
+            )
         if not isinstance(raw["source"], str) or "\0" in raw["source"]:
             raise ValueError(f"{path}: entry {number}'s source {raw['source']!a} is not a path or hf:// reference")
         name = str(raw["name"])
@@ -234,18 +335,20 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
             )
         repo_id = str(raw.get("repo_id") or f"{{org}}/{name}").replace("{org}", org)
         base_model = raw.get("base_model")
-        entries.append(ManifestEntry(
-            name=name,
-            source=str(raw["source"]),
-            repo_id=repo_id,
-            release=release,
-            variant=raw.get("variant"),
-            official_config=local(raw.get("official_config")),
-            expected=local(raw.get("expected")),
-            tolerance=raw.get("tolerance"),
-            image_size=raw.get("image_size"),
-            labels=str(raw.get("labels", "auto")),
-            base_model=base_model.replace("{org}", org) if base_model else None,
-            use_ema=bool(raw.get("use_ema", False)),
-        ))
+        entries.append(
+            ManifestEntry(
+                name=name,
+                source=str(raw["source"]),
+                repo_id=repo_id,
+                release=release,
+                variant=raw.get("variant"),
+                official_config=local(raw.get("official_config")),
+                expected=local(raw.get("expected")),
+                tolerance=raw.get("tolerance"),
+                image_size=raw.get("image_size"),
+                labels=str(raw.get("labels", "auto")),
+                base_model=base_model.replace("{org}", org) if base_model else None,
+                use_ema=bool(raw.get("use_ema", False)),
+            )
+        )
     return data, entries

@@ -5,5 +5,12 @@ from .dispatch import DCNv3Core, dcnv3_core, resolve_backend
 from .loader import kernel_status
 from .reference import dcnv3_core_reference, dcnv3_output_size
 
-__all__ = ["DCNv3Core", "DCNv3KernelWarning", "dcnv3_core", "dcnv3_core_reference", "dcnv3_output_size",
-           "kernel_status", "resolve_backend"]
+__all__ = [
+    "DCNv3Core",
+    "DCNv3KernelWarning",
+    "dcnv3_core",
+    "dcnv3_core_reference",
+    "dcnv3_output_size",
+    "kernel_status",
+    "resolve_backend",
+]

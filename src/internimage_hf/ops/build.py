@@ -68,8 +68,11 @@ def source_dir() -> Path | None:
 
 
 def _source_files(src: Path) -> list[Path]:
-    files = [p for p in src.rglob("*") if p.is_file() and p.suffix in {".h", ".cpp", ".cu", ".cuh", ".py", ".toml"}
-             and "__pycache__" not in p.parts]
+    files = [
+        p
+        for p in src.rglob("*")
+        if p.is_file() and p.suffix in {".h", ".cpp", ".cu", ".cuh", ".py", ".toml"} and "__pycache__" not in p.parts
+    ]
     return sorted(files, key=lambda p: p.relative_to(src).as_posix())
 
 
@@ -146,8 +149,10 @@ def _cuda_wanted(cuda: bool | None) -> bool:
 
     if cuda is not None:
         if cuda and torch.version.cuda is None:
-            raise KernelBuildError("--cuda needs a CUDA build of torch (this torch is CPU-only: "
-                                   f"{torch.__version__}); install one from https://pytorch.org")
+            raise KernelBuildError(
+                "--cuda needs a CUDA build of torch (this torch is CPU-only: "
+                f"{torch.__version__}); install one from https://pytorch.org"
+            )
         return bool(cuda)
     if torch.version.cuda is None:
         return False
@@ -201,15 +206,23 @@ print("ok", ",".join(mod.backends()))
 """
 
 
-def _run(cmd: list[str], verbose: bool, what: str, log: Path, extra_env: dict[str, str] | None = None,
-         tick: Callable[[float], None] | None = None, tick_seconds: float = 1.0) -> str:
+def _run(
+    cmd: list[str],
+    verbose: bool,
+    what: str,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+    tick: Callable[[float], None] | None = None,
+    tick_seconds: float = 1.0,
+) -> str:
     """Run a child process; `tick(elapsed seconds)` is called about every `tick_seconds` while it runs."""
     env = dict(os.environ)
     env.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
     env.update(extra_env or {})
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         while True:
             try:
@@ -251,13 +264,19 @@ def _record_files(package: Path, meta: dict) -> None:
     loader checks them before importing anything (a truncated library would crash the process on first use)."""
     from .loader import file_record
 
-    meta["internimage_hf"]["files"] = {p.name: file_record(p) for p in sorted(package.iterdir())
-                                       if p.is_file() and p.name != "metadata.json"}
+    meta["internimage_hf"]["files"] = {
+        p.name: file_record(p) for p in sorted(package.iterdir()) if p.is_file() and p.name != "metadata.json"
+    }
     (package / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None = None, verbose: bool = False,
-                  force: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
+def build_kernels(
+    cache_dir: str | os.PathLike | None = None,
+    cuda: bool | None = None,
+    verbose: bool = False,
+    force: bool = False,
+    progress: Callable[[str, float], None] | None = None,
+) -> Path:
     """Compile the DCNv3 kernels into the cache; returns the variant folder (`<cache>/build/<variant>`).
 
     cuda: None = build the CUDA kernel too when torch is a CUDA build and nvcc is found; True = require it;
@@ -272,8 +291,9 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
 
     src = source_dir()
     if src is None:
-        raise KernelBuildError("DCNv3 kernel sources (csrc/) not found: reinstall internimage-hf or build from a "
-                               "source checkout")
+        raise KernelBuildError(
+            "DCNv3 kernel sources (csrc/) not found: reinstall internimage-hf or build from a source checkout"
+        )
     with_cuda = _cuda_wanted(cuda)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     variant = torch_variant(with_cuda)
@@ -289,8 +309,11 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
 
                 _, record = build_record(final)
                 verify_build(final, record)  # every file as the build wrote it (else: rebuild)
-                if (record.get("source_digest") == digest and record.get("torch") == torch.__version__
-                        and record.get("backends") == backends):
+                if (
+                    record.get("source_digest") == digest
+                    and record.get("torch") == torch.__version__
+                    and record.get("backends") == backends
+                ):
                     report("reuse", 0.0)
                     return final
             except Exception:  # unreadable or foreign folder: rebuild it
@@ -312,13 +335,26 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
                 cflags.append("-DDCNV3_WITH_CUDA")
                 cuda_cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", "-lineinfo"]
                 sources += [str(src / s) for s in CUDA_SOURCES]
-            cfg = {"name": ext_name, "sources": sources, "cflags": cflags, "ldflags": ldflags,
-                   "cuda_cflags": cuda_cflags, "include": [str(src), str(src / "torch-ext")],
-                   "build_dir": str(obj_dir), "verbose": verbose, "with_cuda": with_cuda}
+            cfg = {
+                "name": ext_name,
+                "sources": sources,
+                "cflags": cflags,
+                "ldflags": ldflags,
+                "cuda_cflags": cuda_cflags,
+                "include": [str(src), str(src / "torch-ext")],
+                "build_dir": str(obj_dir),
+                "verbose": verbose,
+                "with_cuda": with_cuda,
+            }
             report("compile", 0.0)
-            _run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)], verbose, "compile", log,
-                 {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None,
-                 tick=(lambda seconds: report("compile", seconds)) if progress else None)
+            _run(
+                [sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cfg)],
+                verbose,
+                "compile",
+                log,
+                {"TORCH_CUDA_ARCH_LIST": archs} if with_cuda else None,
+                tick=(lambda seconds: report("compile", seconds)) if progress else None,
+            )
             libs = [p for p in obj_dir.iterdir() if p.name.startswith(ext_name) and p.suffix in {".so", ".pyd"}]
             if not libs:
                 raise KernelBuildError(f"the compiler produced no library in {obj_dir}; full log: {log}")
@@ -329,8 +365,7 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
                 "version": KERNEL_VERSION,
                 "license": KERNEL_LICENSE,
                 "python-depends": [],
-                "backend": ({"type": "cuda", "archs": archs.split(";")}
-                            if with_cuda else {"type": "cpu"}),
+                "backend": ({"type": "cuda", "archs": archs.split(";")} if with_cuda else {"type": "cpu"}),
                 "internimage_hf": {
                     "source_digest": digest,
                     "ext_name": ext_name,
@@ -361,5 +396,13 @@ def build_kernels(cache_dir: str | os.PathLike | None = None, cuda: bool | None 
     return final
 
 
-__all__ = ["KernelBuildError", "build_kernels", "default_cache_dir", "source_dir", "source_digest", "torch_variant",
-           "variant_dir", "read_metadata"]
+__all__ = [
+    "KernelBuildError",
+    "build_kernels",
+    "default_cache_dir",
+    "source_dir",
+    "source_digest",
+    "torch_variant",
+    "variant_dir",
+    "read_metadata",
+]

@@ -26,10 +26,17 @@ _device_warned: set[str] = set()
 def _warn_missing_device(device: str, source: str) -> bool:
     if device not in _device_warned:
         _device_warned.add(device)
-        hint = ("rebuild it with `internimage-hf build-kernels --cuda` (needs a CUDA build of torch and nvcc)"
-                if device == "cuda" else "rebuild it on a torch build with that backend")
-        warnings.warn(f"The compiled DCNv3 kernel ({source}) has no {device} implementation; {device} inputs use "
-                      f"the pure-PyTorch reference (slow). To fix: {hint}.", DCNv3KernelWarning, stacklevel=4)
+        hint = (
+            "rebuild it with `internimage-hf build-kernels --cuda` (needs a CUDA build of torch and nvcc)"
+            if device == "cuda"
+            else "rebuild it on a torch build with that backend"
+        )
+        warnings.warn(
+            f"The compiled DCNv3 kernel ({source}) has no {device} implementation; {device} inputs use "
+            f"the pure-PyTorch reference (slow). To fix: {hint}.",
+            DCNv3KernelWarning,
+            stacklevel=4,
+        )
     return True
 
 
@@ -61,10 +68,42 @@ class CompiledDCNv3:
             _warn_missing_device(input.device.type, self.source)
         return False
 
-    def __call__(self, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                 dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax=False) -> torch.Tensor:
-        args = (input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                group, group_channels, offset_scale, remove_center)
+    def __call__(
+        self,
+        input,
+        offset,
+        mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+        mask_softmax=False,
+    ) -> torch.Tensor:
+        args = (
+            input,
+            offset,
+            mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+        )
         if not mask_softmax:
             return self._core(*args)
         if self.fuses_mask_softmax:

@@ -56,17 +56,52 @@ def dcnv3_core(
     backend: "auto" (compiled if available, else reference with one warning), "compiled" (error if unavailable),
     "reference" (pure PyTorch). Default: $INTERNIMAGE_DCNV3_BACKEND or "auto".
     """
-    args = (input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-            group, group_channels, offset_scale, remove_center, mask_softmax)
+    args = (
+        input,
+        offset,
+        mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+        mask_softmax,
+    )
     choice = resolve_backend(backend)
     if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
         op = _compiled_op(required=choice == "compiled")
-        if (op is not None and op.supports(input) and input.dim() == 4 and offset.device == input.device
-                and mask.device == input.device):
+        if (
+            op is not None
+            and op.supports(input)
+            and input.dim() == 4
+            and offset.device == input.device
+            and mask.device == input.device
+        ):
             # The rules no kernel may see broken (zero points, non-finite offset_scale, an empty output): one
             # ValueError, the reference's, before any C++ runs. Shapes and dtypes the kernel checks itself.
-            check_dcnv3_params(input.shape[1], input.shape[2], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                               dilation_h, dilation_w, group, group_channels, offset_scale, remove_center)
+            check_dcnv3_params(
+                input.shape[1],
+                input.shape[2],
+                kernel_h,
+                kernel_w,
+                stride_h,
+                stride_w,
+                pad_h,
+                pad_w,
+                dilation_h,
+                dilation_w,
+                group,
+                group_channels,
+                offset_scale,
+                remove_center,
+            )
             return op(*args)
     return dcnv3_core_reference(*args)
 
@@ -103,5 +138,21 @@ class DCNv3Core(nn.Module):
         remove_center: int,
         mask_softmax: bool = False,
     ) -> torch.Tensor:
-        return dcnv3_core(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                          dilation_w, group, group_channels, offset_scale, remove_center, mask_softmax)
+        return dcnv3_core(
+            input,
+            offset,
+            mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+            mask_softmax,
+        )

@@ -29,8 +29,10 @@ REPO_ENV = "INTERNIMAGE_DCNV3_KERNEL_REPO"
 VERSION_ENV = "INTERNIMAGE_DCNV3_KERNEL_VERSION"
 REVISION_ENV = "INTERNIMAGE_DCNV3_KERNEL_REVISION"
 
-FIX_HINT = ("build the kernel with `internimage-hf build-kernels` (needs a C++ compiler; add --cuda for GPUs), "
-            "or set INTERNIMAGE_DCNV3_BACKEND=reference to use the pure-PyTorch op without this warning")
+FIX_HINT = (
+    "build the kernel with `internimage-hf build-kernels` (needs a C++ compiler; add --cuda for GPUs), "
+    "or set INTERNIMAGE_DCNV3_BACKEND=reference to use the pure-PyTorch op without this warning"
+)
 
 
 @dataclass
@@ -59,8 +61,7 @@ class KernelCacheError(RuntimeError):
 
 def _safe_name(value, what: str, path: Path) -> str:
     if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
-        raise KernelCacheError(f"{path / 'metadata.json'} has an invalid {what} {value!r} (letters, digits and _ "
-                               "only)")
+        raise KernelCacheError(f"{path / 'metadata.json'} has an invalid {what} {value!r} (letters, digits and _ only)")
     return value
 
 
@@ -79,9 +80,14 @@ def build_record(path: Path) -> tuple[dict, dict]:
     if not isinstance(files, dict) or not files:
         raise KernelCacheError(f"{path} was built without a file integrity record (an older internimage_hf)")
     for name, entry in files.items():
-        if (not isinstance(name, str) or name != Path(name).name or name in {"", ".", ".."}
-                or not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("sha256"), str)):
+        if (
+            not isinstance(name, str)
+            or name != Path(name).name
+            or name in {"", ".", ".."}
+            or not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
             raise KernelCacheError(f"{path / 'metadata.json'} has a malformed file record {name!r}")
     return meta, record
 
@@ -119,11 +125,13 @@ def verify_build(path: Path, record: dict) -> None:
         if _VERIFIED.get(key):
             continue
         if st.st_size != entry["size"]:
-            raise KernelCacheError(f"{file} has {st.st_size} bytes, the build wrote {entry['size']} (truncated or "
-                                   "modified)")
+            raise KernelCacheError(
+                f"{file} has {st.st_size} bytes, the build wrote {entry['size']} (truncated or modified)"
+            )
         if file_record(file)["sha256"] != entry["sha256"]:
-            raise KernelCacheError(f"{file} differs from the file the build wrote (SHA-256 mismatch: corrupt or "
-                                   "modified)")
+            raise KernelCacheError(
+                f"{file} differs from the file the build wrote (SHA-256 mismatch: corrupt or modified)"
+            )
         _VERIFIED[key] = True
 
 
@@ -140,8 +148,9 @@ def _import_variant(path: Path) -> CompiledDCNv3:
     name = module_name(meta)
     module = sys.modules.get(name)
     if module is None or Path(getattr(module, "__file__", "") or "").resolve().parent != path.resolve():
-        spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
-                                                      submodule_search_locations=[str(path)])
+        spec = importlib.util.spec_from_file_location(
+            name, path / "__init__.py", submodule_search_locations=[str(path)]
+        )
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot import {path / '__init__.py'}")
         module = importlib.util.module_from_spec(spec)
@@ -181,8 +190,9 @@ def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
         try:
             _, record = build_record(path)
             if record.get("torch") != torch.__version__:
-                problems.append(f"the kernel build in {path} is for torch {record.get('torch')}, not "
-                                f"{torch.__version__}")
+                problems.append(
+                    f"the kernel build in {path} is for torch {record.get('torch')}, not {torch.__version__}"
+                )
                 continue
             if digest is not None and record.get("source_digest") != digest:
                 problems.append(f"the kernel build in {path} is out of date (built from other sources or build flags)")
@@ -237,11 +247,15 @@ def _warn_once() -> bool:
     if not _STATE.warned:
         _STATE.warned = True
         if _STATE.op is None:
-            warnings.warn(f"DCNv3 runs on the pure-PyTorch reference (slow): {'; '.join(_STATE.problems)}. To fix: "
-                          f"{FIX_HINT}.", DCNv3KernelWarning, stacklevel=4)
+            warnings.warn(
+                f"DCNv3 runs on the pure-PyTorch reference (slow): {'; '.join(_STATE.problems)}. To fix: {FIX_HINT}.",
+                DCNv3KernelWarning,
+                stacklevel=4,
+            )
         elif _STATE.problems:  # e.g. the configured Hub kernel failed but the local build works
-            warnings.warn(f"DCNv3 uses {_STATE.op.source}: {'; '.join(_STATE.problems)}.", DCNv3KernelWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"DCNv3 uses {_STATE.op.source}: {'; '.join(_STATE.problems)}.", DCNv3KernelWarning, stacklevel=4
+            )
     return True
 
 
@@ -256,9 +270,11 @@ def get_compiled_op(required: bool = False) -> CompiledDCNv3 | None:
     _ensure_decided()
     op = _STATE.op
     if op is None and required:
-        raise RuntimeError(f"DCNv3 backend 'compiled' was requested but no compiled kernel is available: "
-                           f"{'; '.join(_STATE.problems)}. To fix: build the kernel with `internimage-hf "
-                           "build-kernels` (needs a C++ compiler; add --cuda for GPUs).")
+        raise RuntimeError(
+            f"DCNv3 backend 'compiled' was requested but no compiled kernel is available: "
+            f"{'; '.join(_STATE.problems)}. To fix: build the kernel with `internimage-hf "
+            "build-kernels` (needs a C++ compiler; add --cuda for GPUs)."
+        )
     if not required and (op is None or _STATE.problems):
         _warn_once()
     return op
@@ -268,8 +284,11 @@ def kernel_status() -> dict:
     """What `get_compiled_op` decided (deciding now if it has not yet): source, backends and the problems seen."""
     _ensure_decided()
     op = _STATE.op
-    return {"source": op.source if op else None, "backends": op.backends if op else (),
-            "problems": list(_STATE.problems)}
+    return {
+        "source": op.source if op else None,
+        "backends": op.backends if op else (),
+        "problems": list(_STATE.problems),
+    }
 
 
 def _reset() -> None:

@@ -53,9 +53,16 @@ def check_dcnv3_params(
     kernel with remove_center has none), an odd kernel for remove_center, and a non-empty output (an input smaller
     than the kernel footprint).
     """
-    for name, value in (("kernel_h", kernel_h), ("kernel_w", kernel_w), ("stride_h", stride_h),
-                        ("stride_w", stride_w), ("dilation_h", dilation_h), ("dilation_w", dilation_w),
-                        ("group", group), ("group_channels", group_channels)):
+    for name, value in (
+        ("kernel_h", kernel_h),
+        ("kernel_w", kernel_w),
+        ("stride_h", stride_h),
+        ("stride_w", stride_w),
+        ("dilation_h", dilation_h),
+        ("dilation_w", dilation_w),
+        ("group", group),
+        ("group_channels", group_channels),
+    ):
         if value < 1:
             raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
     if pad_h < 0 or pad_w < 0:
@@ -66,14 +73,18 @@ def check_dcnv3_params(
         raise ValueError("DCNv3 remove_center needs an odd kernel size")
     points = dcnv3_num_points(kernel_h, kernel_w, remove_center)
     if points < 1:
-        raise ValueError(f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
-                         "none (use a kernel of at least 3x3, or remove_center=0)")
+        raise ValueError(
+            f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+            "none (use a kernel of at least 3x3, or remove_center=0)"
+        )
     h_out = dcnv3_output_size(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = dcnv3_output_size(w, kernel_w, stride_w, pad_w, dilation_w)
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
-                         f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
-                         f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})")
+        raise ValueError(
+            f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+            f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
+            f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})"
+        )
     return h_out, w_out, points
 
 
@@ -105,12 +116,25 @@ def check_dcnv3_args(
     if input.dim() != 4:
         raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
     if offset.device != input.device or mask.device != input.device:
-        raise ValueError(f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, "
-                         f"{mask.device}")
+        raise ValueError(
+            f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, {mask.device}"
+        )
     n, h, w, c = input.shape
     h_out, w_out, points = check_dcnv3_params(
-        h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-        offset_scale, remove_center,
+        h,
+        w,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
     )
     if c != group * group_channels:
         raise ValueError(
@@ -145,8 +169,21 @@ def point_softmax(logits: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def sampling_base(
-    h: int, w: int, h_out: int, w_out: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
-    pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, offset_scale: float, remove_center: int, device,
+    h: int,
+    w: int,
+    h_out: int,
+    w_out: int,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    offset_scale: float,
+    remove_center: int,
+    device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed part of every sampling location, in the official reference's normalised float32 coordinates.
 
@@ -200,8 +237,21 @@ def dcnv3_core_reference(
     float16/bfloat16 are computed in float32 and cast back, as a GPU kernel accumulates; float64 stays float64.
     """
     h_out, w_out, points = check_dcnv3_args(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        group, group_channels, remove_center, offset_scale,
+        input,
+        offset,
+        mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        remove_center,
+        offset_scale,
     )
     out_dtype = input.dtype
     n, h, w, c = input.shape
@@ -213,8 +263,21 @@ def dcnv3_core_reference(
         mask = point_softmax(mask, group)
     compute_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
     base_x, base_y = sampling_base(
-        h, w, h_out, w_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        offset_scale, remove_center, input.device,
+        h,
+        w,
+        h_out,
+        w_out,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        offset_scale,
+        remove_center,
+        input.device,
     )
     h_pad, w_pad = h + 2 * pad_h, w + 2 * pad_w
     offset = offset.to(compute_dtype).reshape(n, h_out, w_out, group, points, 2)  # any strides
