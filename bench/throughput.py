@@ -343,10 +343,37 @@ def run(args) -> dict:
     }
 
 
+def cpu_description() -> str:
+    """CPU model and the vector ISA that decides GEMM and kernel speed (figures mean nothing without them)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [
+        name
+        for name, flag in (
+            ("AVX2", "avx2"),
+            ("AVX-512", "avx512f"),
+            ("AVX-512 BF16", "avx512_bf16"),
+            ("AMX", "amx_tile"),
+        )
+        if flag in flags
+    ]
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    return f"{model}, {' / '.join(isa) or 'no AVX2'} (torch dispatch: {capability}), {os.cpu_count()} cores"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    return cpu_description()
 
 
 def markdown(result: dict) -> str:
