@@ -7,7 +7,7 @@ import torch
 
 from internimage_hf import VARIANTS, InternImageConfig, InternImageForImageClassification
 
-# SPEC §2 / research notes: parameters of each official model with its 1k head (counted from the official code).
+# Parameters of each official model with its 1k head (counted from the official code).
 OFFICIAL_PARAMS = {
     "t": 29.92e6,
     "s": 50.08e6,

@@ -127,7 +127,7 @@ def test_every_official_release_is_detected_with_labels_resolution_and_card(rele
     assert plan.variant == release.variant and plan.config.offset_scale == VARIANTS[release.variant]["offset_scale"]
     assert plan.image_size == plan.config.image_size == release.image_size
     expected_size = 384 if release.head == "22k" else VARIANTS[release.variant]["eval_size"]
-    assert release.image_size == expected_size  # SPEC §4
+    assert release.image_size == expected_size  # the release's evaluation resolution
     assert plan.config.num_labels == release.num_labels
     assert plan.config.id2label == imagenet_labels(release.num_labels)
     assert plan.labels == ("imagenet-1k" if release.head == "1k" else "imagenet-22k")

@@ -93,7 +93,7 @@ def test_gradcheck_float64(params):
 
 
 def exact_pixel_reference(x, offset, mask, k, _, stride, __, pad, ___, dil, ____, group, gc, scale, rc):
-    """Independent float64 loop over the SPEC §1 formula (exact pixel arithmetic, no grid_sample)."""
+    """Independent float64 loop over the DCNv3 formula (exact pixel arithmetic, no grid_sample)."""
     n, h, w, _c = x.shape
     h_out, w_out = offset.shape[1:3]
     points = k * k - rc
@@ -138,7 +138,7 @@ def exact_pixel_reference(x, offset, mask, k, _, stride, __, pad, ___, dil, ____
     [dict(), dict(stride=2), dict(k=5, pad=2, remove_center=1), dict(dilation=2, pad=2, group=1, group_channels=4)],
 )
 def test_matches_independent_loop(params):
-    """The SPEC formula written as plain loops: agreement to the float32 rounding of the fixed grid (< 1e-6 px)."""
+    """The DCNv3 formula written as plain loops: agreement to the float32 rounding of the fixed grid (< 1e-6 px)."""
     x, offset, mask, args = random_case(**params)
     out = dcnv3_core_reference(x, offset, mask, *args)
     assert rel_err(out, exact_pixel_reference(x, offset, mask, *args)) < 1e-6

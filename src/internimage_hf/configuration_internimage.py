@@ -14,8 +14,9 @@ except ImportError:  # pragma: no cover - older 5.x / 4.x
     from transformers.utils.backbone_utils import BackboneConfigMixin
 from transformers import PretrainedConfig
 
-# Official architecture of each released variant (SPEC §2). `eval_size` is the resolution its released 1k weights
-# were evaluated at; `train_drop_path_rate` the official training value (models load with 0.0, for inference).
+# Official architecture of each released variant (the official configs). `eval_size` is the resolution its
+# released 1k weights were evaluated at; `train_drop_path_rate` the official training value (models load with
+# 0.0, for inference).
 VARIANTS: dict[str, dict[str, Any]] = {
     "t": dict(
         channels=64,

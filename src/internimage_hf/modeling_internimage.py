@@ -349,7 +349,7 @@ class InternImageMLP(nn.Module):
 
 
 class InternImageLayer(GradientCheckpointingLayer):
-    """One block: DCNv3 branch and MLP branch, each residual, in the variant's normalisation arrangement (SPEC §2)."""
+    """One block: DCNv3 branch and MLP branch, each residual, in the variant's normalisation arrangement."""
 
     def __init__(self, config: InternImageConfig, channels: int, groups: int, drop_path_rate: float):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Preprocessing: the official eval transform expressed with a stock transformers image processor (SPEC §4)."""
+"""Preprocessing: the official eval transform expressed with a stock transformers image processor."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def dcnv3_core(
     mask_softmax: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """DCNv3 core op (official argument order, channels-last). See SPEC §1 for the math.
+    """DCNv3 core op (official argument order, channels-last). The math: `dcnv3_core_reference`.
 
     mask_softmax: `mask` holds logits; the softmax over each (pixel, group)'s points is done in the op (fused into
     the compiled CPU kernel: one pass over memory fewer than softmax, then the op).

@@ -1,6 +1,7 @@
 """Pure-PyTorch DCNv3 core: the oracle every compiled kernel is tested against.
 
-It follows the official CUDA kernel's math (SPEC §1) rather than the official PyTorch fallback's code: sampling
+It follows the official CUDA kernel's math (written out in `dcnv3_core_reference` below and in
+csrc/dcnv3_common/dcnv3_math.h) rather than the official PyTorch fallback's code: sampling
 locations are computed in absolute pixel coordinates of the unpadded input (no P-fold padded copy, no float32
 reference grid leaking into other dtypes), and corners outside the image read as zero.
 """
@@ -233,7 +234,14 @@ def dcnv3_core_reference(
     """DCNv3 core in plain PyTorch (differentiable in input, offset and mask).
 
     input (N, H, W, G*Cg), offset (N, Ho, Wo, G*P*2) as (dx, dy) pairs, mask (N, Ho, Wo, G*P) already normalised,
-    or logits to softmax over each group's P points first if mask_softmax.
+    or logits to softmax over each group's P points first if mask_softmax. For output pixel (y, x), group g and
+    channel c:
+
+        out[n, y, x, g*Cg + c] = sum_p mask[n, y, x, g*P + p] * bilinear(input[n, :, :, g*Cg + c], loc_p)
+        loc_p = (x*stride_w + e_w - pad_w, y*stride_h + e_h - pad_h) + grid_p * offset_scale + offset_p
+
+    with e = dilation*(kernel-1)//2, grid_p the dilated kernel offsets around the centre (x-major point order; the
+    centre point dropped when remove_center), and bilinear reading zero outside the image (`sampling_base`).
     float16/bfloat16 are computed in float32 and cast back, as a GPU kernel accumulates; float64 stays float64.
     """
     h_out, w_out, points = check_dcnv3_args(
