@@ -14,6 +14,12 @@ Layout written (a valid `kernels.get_local_kernel` repository):
 `torch{MAJ}{MIN}-cxx11-cpu-x86_64-linux` (CPU torch) or `torch{MAJ}{MIN}-cxx11-cu{XY}-x86_64-linux` (CUDA torch; such a
 build holds the CPU kernels too). Compilation runs in a child process (so this process never loads a half-built
 library), into a staging folder that is smoke-tested and then renamed into place.
+
+What is compiled, and how, comes from csrc/build.toml, the file kernel-builder reads for Hub builds: the sources
+(`[torch]` and `[kernel.dcnv3_cpu]` / `[kernel.dcnv3_cuda]`), their `cxx-flags` and `cuda-flags`, the CUDA
+`cuda-capabilities`, and the kernel's name, version and license. Only what kernel-builder does by itself is added
+here: optimisation (-O3), the stand-in for its generated registration.h (-DDCNV3_LOCAL_BUILD), the CUDA switch
+(-DDCNV3_WITH_CUDA, kernel-builder's is CUDA_KERNEL) and the OpenMP link flag.
 """
 
 from __future__ import annotations
@@ -28,21 +34,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-KERNEL_NAME = "internimage-dcnv3"  # kernels/kernel-builder names use dashes
+KERNEL_NAME = "internimage-dcnv3"  # kernels/kernel-builder names use dashes (build.toml's general.name)
 PACKAGE_NAME = "internimage_dcnv3"  # ... and their Python package the underscored form
-KERNEL_VERSION = 1
-KERNEL_LICENSE = "MIT"
 CACHE_ENV = "INTERNIMAGE_HF_KERNEL_CACHE"
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
-
-# Sources compiled into every build, and the CUDA source added to CUDA builds (paths relative to csrc/).
-CPU_SOURCES = ("torch-ext/torch_binding.cpp", "dcnv3_cpu/dcnv3_cpu.cpp")
-CUDA_SOURCES = ("dcnv3_cuda/dcnv3_cuda.cu",)
+BUILD_TOML = "build.toml"
+# The build.toml sections of the two kernels: a CPU build compiles [torch] and [kernel.dcnv3_cpu], a CUDA build
+# [torch] and [kernel.dcnv3_cuda] (which lists the CPU sources too).
+CPU_KERNEL = "dcnv3_cpu"
+CUDA_KERNEL = "dcnv3_cuda"
+COMPILED_SUFFIXES = (".cpp", ".cc", ".cu")
 PACKAGE_DIR = f"torch-ext/{PACKAGE_NAME}"
 
 
@@ -76,31 +82,129 @@ def _source_files(src: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(src).as_posix())
 
 
-def host_flags() -> tuple[list[str], list[str]]:
-    """Host compiler and linker flags of the local build.
-
-    With torch's OpenMP backend (its Linux CPU wheels), at::parallel_for is inline code compiled into the extension:
-    without -fopenmp it becomes a serial loop and the kernel silently runs on one thread. The library then needs
-    libgomp.so.1, which resolves to the copy torch has already loaded. (torch's native backend needs no flag; Apple
-    clang has no plain -fopenmp, so other platforms build without it.)
-    """
-    import torch
-
-    cflags, ldflags = ["-O3", "-fno-math-errno", "-DDCNV3_LOCAL_BUILD"], []
-    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    return cflags, ldflags
-
-
-def source_digest(src: Path | None = None) -> str:
-    """SHA-256 over the kernel sources (paths and contents) and the build flags: a build is current when its digest
-    matches."""
+def _require_src(src: Path | None) -> Path:
     src = src or source_dir()
     if src is None:
         raise KernelBuildError("DCNv3 kernel sources (csrc/) not found in this installation")
+    return src
+
+
+def build_config(src: Path | None = None) -> dict:
+    """csrc/build.toml, parsed (the kernel-builder configuration that the local build follows too)."""
+    path = _require_src(src) / BUILD_TOML
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise KernelBuildError(f"cannot read the kernel configuration {path}: {exc}") from exc
+
+
+def _kernel_section(config: dict, cuda: bool) -> dict:
+    name = CUDA_KERNEL if cuda else CPU_KERNEL
+    try:
+        return config["kernel"][name]
+    except (KeyError, TypeError):
+        raise KernelBuildError(f"build.toml has no [kernel.{name}] section") from None
+
+
+def _string_list(section: dict, key: str) -> list[str]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise KernelBuildError(f"build.toml: `{key}` must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def build_sources(src: Path | None = None, cuda: bool = False) -> list[str]:
+    """The files a build compiles (paths relative to csrc/): the compiled sources of [torch] and of the CPU or CUDA
+    kernel's section of build.toml, in that order (headers are listed there too, for kernel-builder)."""
+    config = build_config(src)
+    listed = _string_list(config.get("torch", {}), "src") + _string_list(_kernel_section(config, cuda), "src")
+    return [s for s in dict.fromkeys(listed) if s.endswith(COMPILED_SUFFIXES)]
+
+
+def cuda_capabilities(src: Path | None = None) -> list[str]:
+    """The CUDA capabilities of build.toml's CUDA kernel, e.g. ["7.5", ..., "12.0+PTX"]."""
+    caps = _string_list(_kernel_section(build_config(src), True), "cuda-capabilities")
+    if not caps:
+        raise KernelBuildError("build.toml: [kernel.dcnv3_cuda] lists no cuda-capabilities")
+    return caps
+
+
+def nvcc_capabilities(nvcc: str | os.PathLike | None = None) -> set[str] | None:
+    """The real architectures the CUDA compiler can generate code for (from `nvcc --list-gpu-code`), as capabilities
+    ("7.5", "12.0", ...); None when that cannot be asked (no nvcc, or one too old to answer)."""
+    if nvcc is None:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else shutil.which("nvcc")
+        if nvcc is None:
+            return None
+    try:
+        out = subprocess.run(
+            [str(nvcc), "--list-gpu-code"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = set()
+    for code in out.split():
+        digits = code.removeprefix("sm_")
+        if code.startswith("sm_") and digits.isdigit() and len(digits) >= 2:
+            caps.add(f"{digits[:-1]}.{digits[-1]}")
+    return caps or None
+
+
+def cuda_arch_list(capabilities: list[str], supported: set[str] | None = None) -> str:
+    """TORCH_CUDA_ARCH_LIST for a local CUDA build: build.toml's capabilities that the compiler supports
+    (kernel-builder likewise builds the intersection with each toolkit's capabilities). When the entry that carries
+    "+PTX" is not supported (e.g. 12.0 with CUDA < 12.8), the highest supported one carries it instead, so newer GPUs
+    still get code they can JIT-compile. supported=None keeps the whole list."""
+    entries = [(c.removesuffix("+PTX"), c.endswith("+PTX")) for c in capabilities]
+    kept = [(cap, ptx) for cap, ptx in entries if supported is None or cap in supported]
+    if not kept:
+        raise KernelBuildError(
+            f"the CUDA compiler supports none of build.toml's capabilities {capabilities} "
+            f"(it supports {sorted(supported or ())}); set TORCH_CUDA_ARCH_LIST"
+        )
+    if any(ptx for _, ptx in entries) and not any(ptx for _, ptx in kept):
+        kept[-1] = (kept[-1][0], True)
+    return ";".join(cap + ("+PTX" if ptx else "") for cap, ptx in kept)
+
+
+def _torch_uses_openmp() -> bool:
+    import torch
+
+    return sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def host_flags(src: Path | None = None, cuda: bool = False) -> tuple[list[str], list[str]]:
+    """Host compiler and linker flags of the local build: the `cxx-flags` of build.toml's CPU (or CUDA) kernel, plus
+    -O3 and -DDCNV3_LOCAL_BUILD.
+
+    With torch's OpenMP backend (its Linux CPU wheels), at::parallel_for is inline code compiled into the extension:
+    without -fopenmp it becomes a serial loop and the kernel silently runs on one thread. The library then needs
+    libgomp.so.1, which resolves to the copy torch has already loaded, hence -fopenmp for the linker too. (torch's
+    native backend needs no flag; Apple clang has no plain -fopenmp, so other platforms drop it.)
+    """
+    shared = _string_list(_kernel_section(build_config(src), cuda), "cxx-flags")
+    openmp = _torch_uses_openmp()
+    cflags = ["-O3", "-DDCNV3_LOCAL_BUILD"] + [f for f in shared if f != "-fopenmp" or openmp]
+    ldflags = ["-fopenmp"] if openmp and "-fopenmp" in shared else []
+    return cflags, ldflags
+
+
+def nvcc_flags(src: Path | None = None) -> list[str]:
+    """nvcc flags of a local CUDA build: build.toml's `cuda-flags` plus -O3 and the two local defines (torch adds
+    its own common nvcc flags and one -gencode per TORCH_CUDA_ARCH_LIST entry)."""
+    shared = _string_list(_kernel_section(build_config(src), True), "cuda-flags")
+    return ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", *shared]
+
+
+def source_digest(src: Path | None = None) -> str:
+    """SHA-256 over the kernel sources (paths and contents, build.toml included) and the host build flags: a build is
+    current when its digest matches."""
+    src = _require_src(src)
     h = hashlib.sha256()
-    cflags, ldflags = host_flags()
+    cflags, ldflags = host_flags(src)
     h.update(" ".join(cflags + ldflags).encode() + b"\0")
     for path in _source_files(src):
         h.update(path.relative_to(src).as_posix().encode())
@@ -280,7 +384,8 @@ def build_kernels(
     """Compile the DCNv3 kernels into the cache; returns the variant folder (`<cache>/build/<variant>`).
 
     cuda: None = build the CUDA kernel too when torch is a CUDA build and nvcc is found; True = require it;
-    False = CPU only. The arch list comes from $TORCH_CUDA_ARCH_LIST (default "8.0;8.6;8.9;9.0+PTX").
+    False = CPU only. The arch list comes from $TORCH_CUDA_ARCH_LIST, by default from build.toml's cuda-capabilities
+    (those the CUDA compiler supports, see `cuda_arch_list`).
     An up-to-date build (same sources, torch and backends) is kept unless force=True.
     `progress(step, seconds)` is told what happens: "reuse" (an up-to-date build is kept; nothing else follows), or
     "compile" (first at 0 s, then about every second while the compiler runs), "smoke-test", "install".
@@ -327,14 +432,17 @@ def build_kernels(
         try:
             obj_dir = staging / "obj"
             obj_dir.mkdir()
-            cflags, ldflags = host_flags()
+            config = build_config(src)
+            cflags, ldflags = host_flags(src, cuda=with_cuda)
             cuda_cflags: list[str] = []
-            sources = [str(src / s) for s in CPU_SOURCES]
-            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+            sources = [str(src / s) for s in build_sources(src, cuda=with_cuda)]
+            archs = ""
             if with_cuda:
+                archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or cuda_arch_list(
+                    cuda_capabilities(src), nvcc_capabilities()
+                )
                 cflags.append("-DDCNV3_WITH_CUDA")
-                cuda_cflags = ["-O3", "-DDCNV3_LOCAL_BUILD", "-DDCNV3_WITH_CUDA", "-lineinfo"]
-                sources += [str(src / s) for s in CUDA_SOURCES]
+                cuda_cflags = nvcc_flags(src)
             cfg = {
                 "name": ext_name,
                 "sources": sources,
@@ -361,9 +469,9 @@ def build_kernels(
 
             meta = {
                 "id": ext_name.lstrip("_"),
-                "name": KERNEL_NAME,
-                "version": KERNEL_VERSION,
-                "license": KERNEL_LICENSE,
+                "name": config["general"]["name"],
+                "version": config["general"]["version"],
+                "license": config["general"]["license"],
                 "python-depends": [],
                 "backend": ({"type": "cuda", "archs": archs.split(";")} if with_cuda else {"type": "cpu"}),
                 "internimage_hf": {
@@ -398,7 +506,12 @@ def build_kernels(
 
 __all__ = [
     "KernelBuildError",
+    "build_config",
     "build_kernels",
+    "build_sources",
+    "cuda_arch_list",
+    "cuda_capabilities",
+    "nvcc_capabilities",
     "default_cache_dir",
     "source_dir",
     "source_digest",
