@@ -518,3 +518,19 @@ def test_kernels_validates_the_built_layer_against_the_models_layer(kernel):
 
     _validate_layer(check_cls=DCNv3Core, cls=kernel.layers.DCNv3Core, repo="local build")
     assert kernel.layers.DCNv3Core.has_backward is True and kernel.layers.DCNv3Core.can_torch_compile is True
+
+
+# ------------------------------------------------------------------------------------------------ the entry points
+@pytest.mark.parametrize(("path", "device"), [("dcnv3_cpu/dcnv3_cpu.cpp", "cpu"), ("dcnv3_cuda/dcnv3_cuda.cu", "cuda")])
+def test_cpu_and_cuda_entry_points_share_their_argument_checks(path, device):
+    """Both backends validate arguments with the same code (dcnv3_common/dcnv3_args.h), first thing in each entry
+    point, so a call the CPU op refuses is refused by the CUDA op too (CUDA is only compile-checked here)."""
+    text = (CSRC / path).read_text(encoding="utf-8")
+    assert '#include "dcnv3_common/dcnv3_args.h"' in text
+    for op in ("forward", "backward"):
+        match = re.search(rf"^\S.*\bdcnv3_{op}_{device}\([^{{]*\{{\n(.*?)^\}}", text, re.S | re.M)
+        assert match, f"dcnv3_{op}_{device} not found in {path}"
+        statements = [line.strip() for line in match.group(1).splitlines() if line.strip()]
+        assert statements[0].startswith("const Shape s = check_args(input_, offset_, mask_,"), statements[0]
+        if op == "backward":
+            assert any(line.startswith("check_grad_output(grad_output_, input_, s);") for line in statements[:6])
