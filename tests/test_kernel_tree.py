@@ -391,9 +391,13 @@ def test_capabilities_are_ones_nvcc_and_torch_know():
     caps = build.cuda_capabilities()
     from torch.utils import cpp_extension
 
-    src = inspect.getsource(cpp_extension._get_cuda_arch_flags)
-    for cap in caps:
-        assert f"'{cap.removesuffix('+PTX')}'" in src, f"torch's cpp_extension does not know {cap}"
+    try:  # torch validates TORCH_CUDA_ARCH_LIST against a list inside this private function
+        src = inspect.getsource(cpp_extension._get_cuda_arch_flags)
+    except (AttributeError, OSError, TypeError):
+        src = ""
+    if "supported_arches" in src:
+        for cap in caps:
+            assert f"'{cap.removesuffix('+PTX')}'" in src, f"torch's cpp_extension does not know {cap}"
     supported = build.nvcc_capabilities()
     if supported is None:
         pytest.skip("no nvcc here")
