@@ -538,3 +538,33 @@ def test_cpu_and_cuda_entry_points_share_their_argument_checks(path, device):
         assert statements[0].startswith("const Shape s = check_args(input_, offset_, mask_,"), statements[0]
         if op == "backward":
             assert any(line.startswith("check_grad_output(grad_output_, input_, s);") for line in statements[:6])
+
+
+def test_cuda_build_compiles_what_build_toml_lists(config, monkeypatch, tmp_path):
+    """The compile step of a CUDA build (stopped before the compiler runs; this torch has no CUDA): the CUDA kernel's
+    sources and flags, and TORCH_CUDA_ARCH_LIST from its capabilities, cut to what the (here: CUDA 12.6-like) nvcc
+    supports."""
+    import json
+
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cmd, verbose, what, log, extra_env=None, tick=None, tick_seconds=1.0):
+        captured["cfg"], captured["env"] = json.loads(cmd[-1]), extra_env
+        raise Stop
+
+    monkeypatch.setattr(build, "_cuda_wanted", lambda cuda: True)
+    monkeypatch.setattr(build, "torch_variant", lambda cuda=None: "test-variant")
+    monkeypatch.setattr(build, "nvcc_capabilities", lambda nvcc=None: {"7.5", "8.0", "8.6", "8.7", "8.9", "9.0"})
+    monkeypatch.setattr(build, "_run", fake_run)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with pytest.raises(Stop):
+        build.build_kernels(cache_dir=tmp_path, cuda=True, force=True)
+    cfg, kernel = captured["cfg"], config["kernel"]["dcnv3_cuda"]
+    compiled = [s for s in config["torch"]["src"] + kernel["src"] if s.endswith((".cpp", ".cu"))]
+    assert [Path(s).relative_to(CSRC).as_posix() for s in cfg["sources"]] == compiled
+    assert cfg["with_cuda"] and set(kernel["cxx-flags"]) <= set(cfg["cflags"]) and "-DDCNV3_WITH_CUDA" in cfg["cflags"]
+    assert cfg["cuda_cflags"][-len(kernel["cuda-flags"]) :] == kernel["cuda-flags"]
+    assert captured["env"] == {"TORCH_CUDA_ARCH_LIST": "7.5;8.0;8.6;8.9;9.0+PTX"}
