@@ -102,6 +102,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 # Official constructor keys that carry no information for this port (they select implementations we replace).
+# The one small model that is not an official variant: the demo trains it from scratch, training and the examples build
+# it as the preset "tiny" (0.4M parameters, the block design of InternImage-T, 32x32 inputs).
+TINY: dict[str, Any] = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "image_size": 32}
+
+# Names `InternImageConfig.from_preset` builds a config from: "tiny" and the official variants.
+PRESETS: tuple[str, ...] = ("tiny", *VARIANTS)
+
+
+def variant_key(name: str) -> str:
+    """The key of a variant or preset name: "InternImage-T", "internimage_t", "T" -> "t" (not checked against
+    `VARIANTS`). The one place such names are normalised (configuration, training, conversion)."""
+    return str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
+
+
 _IGNORED_OFFICIAL_KEYS = {
     "core_op": None,
     "with_cp": None,
@@ -366,13 +380,23 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
     @classmethod
     def from_variant(cls, name: str, **overrides) -> InternImageConfig:
         """Config of an official variant ("t", "s", "b", "l", "xl", "h", "g"); keyword arguments override fields."""
-        key = str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
+        key = variant_key(name)
         if key not in VARIANTS:
             raise ValueError(f"Unknown InternImage variant {name!r}; choose one of {', '.join(VARIANTS)}")
         fields = {k: v for k, v in VARIANTS[key].items() if k not in ("eval_size", "train_drop_path_rate")}
         fields["image_size"] = VARIANTS[key]["eval_size"]
         fields.update(overrides)
         return cls(**fields)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> InternImageConfig:
+        """Config of a preset (`PRESETS`: "tiny" or an official variant); keyword arguments override fields."""
+        key = variant_key(name)
+        if key == "tiny":
+            return cls(**{**TINY, **overrides})
+        if key not in VARIANTS:
+            raise ValueError(f"Unknown InternImage preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_variant(key, **overrides)
 
     # ------------------------------------------------------------------ checks across fields
     def validate(self) -> None:

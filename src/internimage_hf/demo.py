@@ -28,15 +28,6 @@ QUICK_TRAIN_IMAGES = 480
 DEFAULT_THREADS = 1
 
 
-def demo_config(**overrides):
-    """The small InternImage the demo trains from scratch (0.4M parameters, same block design as InternImage-T)."""
-    from .configuration_internimage import InternImageConfig
-
-    fields = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], image_size=IMAGE_SIZE)
-    fields.update(overrides)
-    return InternImageConfig(**fields)
-
-
 @dataclass
 class ImageSplit:
     """Images (PIL, RGB) with integer labels and the class names: one split of the digits."""
@@ -131,6 +122,7 @@ def _run_demo(args) -> int:
     from tqdm.auto import tqdm
     from transformers import TrainingArguments, pipeline, set_seed
 
+    from .configuration_internimage import InternImageConfig
     from .modeling_internimage import InternImageForImageClassification
     from .processing import make_image_processor
     from .training import (
@@ -161,8 +153,12 @@ def _run_demo(args) -> int:
     train_set = splits["train"].encoded(processor)
     test_set = splits["test"].encoded(processor)
 
-    config = demo_config(
-        num_labels=len(names), id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)}
+    config = InternImageConfig.from_preset(
+        "tiny",
+        image_size=IMAGE_SIZE,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
     )
     model = InternImageForImageClassification(config)
     print(f"model: InternImage ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {epochs:g} epochs")
@@ -242,4 +238,4 @@ def _run_demo(args) -> int:
     return 0
 
 
-__all__ = ["ImageSplit", "demo_config", "load_digits_dataset", "run_demo", "save_confusion_matrix"]
+__all__ = ["ImageSplit", "load_digits_dataset", "run_demo", "save_confusion_matrix"]

@@ -183,20 +183,18 @@ def compute_accuracy(eval_prediction) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- models and data
 def model_presets() -> list[str]:
     """Names `load_model_and_processor` builds from scratch: "tiny" (the demo's 0.4M-parameter model) + variants."""
-    from .configuration_internimage import VARIANTS
+    from .configuration_internimage import PRESETS
 
-    return ["tiny", *VARIANTS]
+    return list(PRESETS)
 
 
 def preset_config(name: str, **overrides):
     """Config of a preset, or None if `name` is not one (or is an existing path)."""
-    from .configuration_internimage import InternImageConfig
-    from .demo import demo_config
+    from .configuration_internimage import PRESETS, InternImageConfig, variant_key
 
-    key = str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
-    if key not in model_presets() or Path(str(name)).exists():
+    if variant_key(name) not in PRESETS or Path(str(name)).exists():
         return None
-    return demo_config(**overrides) if key == "tiny" else InternImageConfig.from_variant(key, **overrides)
+    return InternImageConfig.from_preset(name, **overrides)
 
 
 def load_model_and_processor(
