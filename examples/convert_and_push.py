@@ -26,8 +26,9 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import internimage_hf  # noqa: F401  (registers the "internimage" model type with the Auto classes)
+from internimage_hf.conversion.errors import ConversionError
 from internimage_hf.conversion.hub import push_folder
-from internimage_hf.convert import ConversionError, convert
+from internimage_hf.conversion.pipeline import convert
 
 
 def check(folder: Path) -> str:

@@ -18,14 +18,11 @@ from internimage_hf.cli import main as cli_main
 from internimage_hf.conversion.batch import convert_all, summary_table
 from internimage_hf.conversion.card import render_card
 from internimage_hf.conversion.detect import architecture_from_state_dict, match_variant
+from internimage_hf.conversion.errors import ConversionError
+from internimage_hf.conversion.keys import convert_official_state_dict, rename_official_key
 from internimage_hf.conversion.pipeline import SourceInfo, Verification, card_facts, plan_conversion
 from internimage_hf.conversion.releases import RELEASES, RELEASES_BY_NAME, load_manifest, manifest_text
-from internimage_hf.convert import (
-    ConversionError,
-    convert_official_state_dict,
-    load_weights_folder,
-    rename_official_key,
-)
+from internimage_hf.conversion.source import load_weights_folder
 from internimage_hf.labels import imagenet_labels
 
 from .conftest import REPO, rel_err
@@ -249,7 +246,8 @@ def _check_tiny_l_output(folder, fixtures_dir):
 @pytest.fixture(scope="module")
 def tiny_l_tolerance(fixtures_dir):
     """--tolerance for tiny_l's float32-chaotic outputs: test_parity's logits rule, and its 2e-4 stage limit."""
-    from internimage_hf.convert import model_from_official, read_official_config
+    from internimage_hf.conversion.pipeline import model_from_official
+    from internimage_hf.conversion.source import read_official_config
 
     model = model_from_official(
         torch.load(fixtures_dir / "tiny_l" / "checkpoint.pth", weights_only=True)["model"],

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from internimage_hf.cli import main as cli_main
-from internimage_hf.convert import ConversionError, convert, convert_official_state_dict, load_pth
+from internimage_hf.conversion.errors import ConversionError
+from internimage_hf.conversion.keys import convert_official_state_dict
+from internimage_hf.conversion.pipeline import convert
+from internimage_hf.conversion.source import load_pth
 
 
 def run_convert(*args) -> int:

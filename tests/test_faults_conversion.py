@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internimage_hf.cli import main as cli_main
-from internimage_hf.convert import _host_tag, sweep_staging
+from internimage_hf.conversion.output import _host_tag, sweep_staging
 
 OUTPUT_FILES = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
 WEIGHT = "levels.0.blocks.0.mlp.fc1.weight"  # an ordinary weight of tiny_t's official state dict
@@ -614,7 +614,7 @@ KILLER = textwrap.dedent(r"""
     torch.set_num_threads(1)
     from safetensors.torch import load_file
 
-    import internimage_hf.convert as convert_module
+    import internimage_hf.conversion.output as output_module
     from internimage_hf.cli import main
     from internimage_hf.modeling_internimage import InternImageForImageClassification
 
@@ -641,14 +641,14 @@ KILLER = textwrap.dedent(r"""
 
             InternImageForImageClassification.save_pretrained = save
         elif point == "verify":
-            original_check = convert_module.check_saved_weights
+            original_check = output_module.check_saved_weights
 
             def check(folder, model):
                 count = original_check(folder, model)
                 stop_here(fd)
                 return count
 
-            convert_module.check_saved_weights = check
+            output_module.check_saved_weights = check
         elif point == "swap":
             original_replace = os.replace
 
@@ -704,7 +704,7 @@ KILLER = textwrap.dedent(r"""
         entry = {"point": point, "status": code, "out": state(), "debris": len(debris),
                  "seconds": round(time.perf_counter() - start, 3)}
         if point == "swap":
-            convert_module.sweep_staging(parent)  # what the next save into this folder does first
+            output_module.sweep_staging(parent)  # what the next save into this folder does first
             entry["after_sweep"] = state()
             entry["restored_old"] = (out / "previous-run.txt").exists()
         report.append(entry)

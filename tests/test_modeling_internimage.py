@@ -2,8 +2,10 @@
 
 The testers (ModelTesterMixin, BackboneTesterMixin, ConfigTester) are those of the installed transformers version,
 fetched from its source distribution by `tests/transformers_common.py`. The explicit skips are exactly ConvNeXt's
-(no input embeddings, no feed-forward chunking). PipelineTesterMixin is not used: it drives pipeline test classes
-and tiny Hub checkpoints that the sdist does not ship; tests/test_transformers_integration.py covers
+(no input embeddings, no feed-forward chunking). One common test is replaced, not skipped:
+`test_reverse_loading_mapping` (the checkpoint-conversion mapping registered for OpenGVLab's names is load-only; see
+the test). PipelineTesterMixin is not used: it drives pipeline test classes and tiny Hub checkpoints that the sdist
+does not ship; tests/test_transformers_integration.py covers
 `pipeline("image-classification")` and `pipeline("image-feature-extraction")` from local folders instead.
 
 ConvNeXt's own tester class under the same testers of transformers 5.25.0: 83 passed, 109 skipped (every skip is the
@@ -12,6 +14,7 @@ testers' own: no accelerator, no attentions, no embeddings...); InternImage: the
 
 from __future__ import annotations
 
+import tempfile
 import unittest
 
 import torch
@@ -166,6 +169,35 @@ class InternImageModelTest(_InTaskTables, ModelTesterMixin, unittest.TestCase):
     @unittest.skip(reason="InternImage does not use feedforward chunking")
     def test_feed_forward_chunking(self):
         pass
+
+    def test_reverse_loading_mapping(self):
+        """Replaces the common test, which expects `save_pretrained` to write the checkpoint's original names: the
+        mapping registered for "internimage" (OpenGVLab's remote-code names) acts on loading only, and saving writes
+        this package's names. Checked instead: save keeps the model's names, and a state dict under the remote-code
+        names loads into every class with the same tensors."""
+        from safetensors.torch import load_file, save_file
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        from .test_conversion_tool import official_state_dict
+
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        classifier = InternImageForImageClassification(config)
+        for model_class in self.all_model_classes:
+            with self.subTest(model_class.__name__):
+                model = model_class(config)
+                self.assertTrue(get_model_conversion_mapping(model, add_legacy=False))
+                with tempfile.TemporaryDirectory() as folder:
+                    model.save_pretrained(folder)
+                    self.assertEqual(sorted(load_file(f"{folder}/model.safetensors")), sorted(model.state_dict()))
+                    save_file(
+                        {k: v.contiguous() for k, v in official_state_dict(classifier, remote_code=True).items()},
+                        f"{folder}/model.safetensors",
+                    )
+                    loaded = model_class.from_pretrained(folder)
+                expected = classifier.state_dict()
+                for key, tensor in loaded.state_dict().items():
+                    source = key if key in expected else f"internimage.{key}"
+                    self.assertTrue(torch.equal(tensor, expected[source]), key)
 
     def test_model(self):
         self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())

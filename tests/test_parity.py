@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 
-import internimage_hf
 from internimage_hf import InternImageBackbone
 from internimage_hf.cli import main as cli_main
+from internimage_hf.conversion.pipeline import model_from_official
+from internimage_hf.conversion.source import read_official_config
 from internimage_hf.modeling_internimage import fast_paths
 
 from .conftest import FIXTURES, MODEL_CASES, rel_err
@@ -153,9 +154,9 @@ def test_opengvlab_remote_code_repo_loads_natively(fixtures_dir):
     model = AutoModelForImageClassification.from_pretrained(repo).eval().to(torch.float64)
     assert model.config.num_labels == 7
     reference = (
-        internimage_hf.convert.model_from_official(
+        model_from_official(
             torch.load(fixtures_dir / "tiny_l" / "checkpoint.pth", weights_only=True)["model"],
-            internimage_hf.convert.read_official_config(fixtures_dir / "tiny_l" / "official_config.json"),
+            read_official_config(fixtures_dir / "tiny_l" / "official_config.json"),
         )
         .eval()
         .to(torch.float64)

@@ -50,9 +50,11 @@ def _register() -> None:
         AutoModel,
         AutoModelForImageClassification,
     )
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
     from .auto_backbone import load_local_folders_directly
     from .configuration_internimage import InternImageConfig
+    from .conversion.keys import remote_code_renamings
     from .modeling_internimage import (
         InternImageBackbone,
         InternImageForImageClassification,
@@ -64,6 +66,8 @@ def _register() -> None:
     AutoModel.register(InternImageConfig, InternImageModel, exist_ok=True)
     AutoModelForImageClassification.register(InternImageConfig, InternImageForImageClassification, exist_ok=True)
     AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
+    # OpenGVLab's remote-code repos (same model type, official weight names) load natively through these renamings
+    register_checkpoint_conversion_mapping(InternImageConfig.model_type, remote_code_renamings(), overwrite=True)
     load_local_folders_directly(AutoBackbone)  # transformers asks the Hub about local folders too (offline: error)
     processor_class = type(make_image_processor())
     try:

@@ -562,21 +562,6 @@ class InternImagePreTrainedModel(PreTrainedModel):
             for bias in (module.q_bias, module.k_bias, module.v_bias):
                 init.zeros_(bias)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Like transformers' `from_pretrained`, plus native loading of OpenGVLab's remote-code repos.
-
-        Those repos share our `model_type` ("internimage") but store the official weight names; they are renamed
-        on the fly (no trust_remote_code, no code from the repo runs). Anything else loads the usual way.
-        """
-        from .convert import OfficialRepo
-
-        repo = OfficialRepo.detect(pretrained_model_name_or_path, kwargs) if pretrained_model_name_or_path else None
-        if repo is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        config, kwargs = repo.config(cls.config_class, kwargs)
-        return super().from_pretrained(None, *model_args, config=config, state_dict=repo.state_dict(), **kwargs)
-
     def _stages(self, pixel_values: torch.Tensor | None, pooled: bool) -> list[torch.Tensor]:
         """Validate the input, run stem and levels: [stem output, level 1, ..., level 4], each NCHW."""
         self._check_pixel_values(pixel_values)

@@ -76,7 +76,7 @@ def convert_all(
     """Convert every (or every `only`-named) entry of a manifest; returns one result per entry, in order."""
     from tqdm.auto import tqdm
 
-    from ..convert import ConversionError
+    from .errors import ConversionError
     from .hub import push_folder
     from .pipeline import DEFAULT_MAX_SHARD_SIZE
 

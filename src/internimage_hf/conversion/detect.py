@@ -1,7 +1,7 @@
 """Which InternImage is this? The architecture read from a state dict's key names and tensor shapes.
 
 Detection works on *converted* names (`internimage.embeddings.conv2.weight`, ...), i.e. after the one key mapping
-in `internimage_hf.convert`, so `.pth` files and OpenGVLab remote-code repos are read the same way. Only shapes are
+in `keys`, so `.pth` files and OpenGVLab remote-code repos are read the same way. Only shapes are
 used, so meta tensors work. What keys cannot tell (offset_scale, the layer-scale init value, post-norm when a level
 norm is present, which level-2 blocks carry post-norms) comes from the matched VARIANTS entry.
 """
@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from ..configuration_internimage import VARIANTS, InternImageConfig
-from ..convert import ConversionError
+from ..configuration_internimage import VARIANTS, InternImageConfig, variant_key
+from .errors import ConversionError
 
 _PREFIX = "internimage."
 _POINTS = 9  # 3x3 sampling points: every release uses kernel_size 3 and keeps the centre point
@@ -71,7 +71,7 @@ def variant_title(name: str) -> str:
 
 
 def normalize_variant(name: str) -> str:
-    key = str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
+    key = variant_key(name)
     if key not in VARIANTS:
         raise ConversionError(f"Unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
     return key

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from ..convert import ConversionError
+from .errors import ConversionError
 
 # Hub sources are always explicit: hf://owner/name, optionally followed by a path to one file inside the repo
 # (hf://owner/name/dir/file.pth). A bare owner/name is a local path (and an error when it does not exist).

@@ -1,7 +1,7 @@
 """Official checkpoint -> verified, documented `save_pretrained` folder.
 
 Steps: read the source (local file or folder, or an explicit `hf://` Hub reference; hashed; every tensor checked),
-rename keys (the one mapping in `internimage_hf.convert`), plan (detect the variant, pick config, labels,
+rename keys (the one mapping, `keys.KEY_RULES`), plan (detect the variant, pick config, labels,
 resolution, release), build the model strictly (on the meta device, tensors assigned, no second copy), verify
 against expected outputs when given, render the card, save atomically.
 `plan_conversion` needs shapes only, so it runs on meta-device state dicts of the real sizes.
@@ -21,17 +21,6 @@ from pathlib import Path
 import torch
 
 from ..configuration_internimage import VARIANTS, InternImageConfig
-from ..convert import (
-    ConversionError,
-    PickleRefused,
-    check_tensors,
-    convert_official_state_dict,
-    load_converted_weights,
-    load_official_source,
-    read_official_config,
-    save_atomically,
-    weight_files,
-)
 from ..labels import IMAGENET_1K, IMAGENET_22K, imagenet_labels
 from ..utils import relative_error
 from .detect import (
@@ -43,7 +32,11 @@ from .detect import (
     normalize_variant,
     variant_title,
 )
+from .errors import ConversionError, PickleRefused, format_keys
+from .keys import convert_official_state_dict
+from .output import save_atomically
 from .releases import RELEASES_BY_NAME, Release, get_release
+from .source import check_tensors, load_official_source, read_official_config, weight_files
 
 STEPS = ("read", "detect", "load", "verify", "save")
 DEFAULT_TOLERANCE = 1e-4
@@ -296,6 +289,32 @@ def plan_conversion(
 
 
 # ---------------------------------------------------------------------------------------------- build, verify
+def load_converted_weights(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False
+) -> None:
+    """Strictly load a converted state dict: any missing or unexpected key, or wrong shape, is an error.
+
+    `assign=True` makes the tensors the model's parameters (for a model built on the meta device)."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
+    if problems:
+        raise ConversionError("Checkpoint does not fit this InternImage configuration: " + " | ".join(problems))
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)
+
+
 def build_model(plan: ConversionPlan, converted: Mapping[str, torch.Tensor]):
     """The classifier with the converted tensors assigned (strict; built on the meta device, so no extra copy)."""
     from ..modeling_internimage import InternImageForImageClassification
@@ -516,3 +535,38 @@ def convert_checkpoint(
         num_parameters=num_parameters,
         card=card,
     )
+
+
+def model_from_official(state_dict: Mapping[str, torch.Tensor], config: InternImageConfig):
+    """An InternImageForImageClassification holding the official weights (strict; head size and ImageNet names
+    follow the checkpoint's head)."""
+    converted = convert_official_state_dict(state_dict)
+    return build_model(plan_conversion(converted, config=config), converted)
+
+
+def convert(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    variant: str | None = None,
+    official_config: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    use_ema: bool = False,
+    **options,
+) -> Path:
+    """Convert an official checkpoint into a `save_pretrained` folder (with model card). Returns the folder.
+
+    The variant is detected from the weights unless `variant` / `official_config` say otherwise; `options` are
+    those of `internimage_hf.conversion.pipeline.convert_checkpoint` (labels, image_size, expected, tolerance,
+    max_shard_size, model_id, release, ...).
+    """
+    return convert_checkpoint(
+        source,
+        output_dir,
+        variant=variant,
+        official_config=official_config,
+        overwrite=overwrite,
+        trust_pickle=trust_pickle,
+        use_ema=use_ema,
+        **options,
+    ).output_dir
