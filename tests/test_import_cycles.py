@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "internimage_hf"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
@@ -128,26 +126,7 @@ def test_cycle_finder_reports_a_lazy_cycle():
     assert _a_cycle(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]
 
 
-# Cycles being removed by work in progress elsewhere in the tree, each with its owner; `test_no_import_cycles` leaves
-# them out and `test_pending_cycles_are_gone` (a strict xfail) starts failing the day one is gone, so that the entry is
-# removed. Nothing may be added here: a new cycle is fixed, not listed.
-PENDING = {
-    # ops/build.py (kernel builds, worked on with csrc/) and ops/loader.py import each other lazily
-    frozenset({f"{PACKAGE}.ops.build", f"{PACKAGE}.ops.loader"}),
-}
-
-
 def test_no_import_cycles():
     graph = import_graph()
-    cycles = [
-        " -> ".join(_a_cycle(graph, component))
-        for component in find_cycles(graph)
-        if frozenset(component) not in PENDING
-    ]
+    cycles = [" -> ".join(_a_cycle(graph, component)) for component in find_cycles(graph)]
     assert not cycles, "import cycles inside the package:\n" + "\n".join(cycles)
-
-
-@pytest.mark.xfail(strict=True, reason="ops.build <-> ops.loader: being reworked with the kernel build (csrc/)")
-def test_pending_cycles_are_gone():
-    components = {frozenset(component) for component in find_cycles(import_graph())}
-    assert not (components & PENDING), "still there: " + "; ".join(sorted(" <-> ".join(sorted(c)) for c in PENDING))

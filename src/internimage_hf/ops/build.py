@@ -40,6 +40,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from .buildrecord import build_record, file_record, read_metadata, verify_build
+
 KERNEL_NAME = "internimage-dcnv3"  # kernels/kernel-builder names use dashes (build.toml's general.name)
 PACKAGE_NAME = "internimage_dcnv3"  # ... and their Python package the underscored form
 CACHE_ENV = "INTERNIMAGE_HF_KERNEL_CACHE"
@@ -240,14 +242,6 @@ def variant_dir(cache_dir: str | os.PathLike | None = None, cuda: bool | None = 
     return root / "build" / torch_variant(cuda)
 
 
-def read_metadata(path: Path) -> dict:
-    with open(path / "metadata.json", encoding="utf-8") as f:
-        meta = json.load(f)
-    if not isinstance(meta, dict) or "id" not in meta:
-        raise ValueError(f"{path / 'metadata.json'} is not a kernel metadata file")
-    return meta
-
-
 def _cuda_wanted(cuda: bool | None) -> bool:
     import torch
 
@@ -366,7 +360,6 @@ def _write_package(src: Path, dest: Path, ext_name: str, meta: dict) -> None:
 def _record_files(package: Path, meta: dict) -> None:
     """Record the size and SHA-256 of every file of the package (the library included) in its metadata.json: the
     loader checks them before importing anything (a truncated library would crash the process on first use)."""
-    from .loader import file_record
 
     meta["internimage_hf"]["files"] = {
         p.name: file_record(p) for p in sorted(package.iterdir()) if p.is_file() and p.name != "metadata.json"
@@ -410,7 +403,6 @@ def build_kernels(
         if not force and final.is_dir():
             try:
                 record = read_metadata(final).get("internimage_hf", {})
-                from .loader import build_record, verify_build
 
                 _, record = build_record(final)
                 verify_build(final, record)  # every file as the build wrote it (else: rebuild)
