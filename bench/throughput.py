@@ -152,14 +152,17 @@ def _free_dcnv3_op():
     Its throughput is what InternImage would reach with a DCNv3 kernel that costs nothing, so free-op / reference
     is the largest end-to-end gain any DCNv3 kernel can give over the reference op on this machine.
     """
-    from internimage_hf.ops import DCNv3Core
+    from internimage_hf.ops import DCNv3Core, dispatch
 
-    forward = DCNv3Core.forward
+    # A model built from a config calls `dispatch.dcnv3_core` (through its layers' instance forward); the class
+    # forward is the reference a kernelized or `use_kernels=False` model runs.
+    forward, core = DCNv3Core.forward, dispatch.dcnv3_core
     DCNv3Core.forward = lambda self, input, *args, **kwargs: input
+    dispatch.dcnv3_core = lambda input, *args, **kwargs: input
     try:
         yield
     finally:
-        DCNv3Core.forward = forward
+        DCNv3Core.forward, dispatch.dcnv3_core = forward, core
 
 
 @contextlib.contextmanager

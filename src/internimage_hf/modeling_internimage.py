@@ -29,7 +29,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internimage import InternImageConfig
-from .ops import DCNv3Core
+from .ops import DCNv3Core, use_reference
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
@@ -519,6 +519,20 @@ class InternImageAttentionPooler(nn.Module):
         return self.norm(self.attention(tokens))
 
 
+def _kernelizes_by_default() -> bool:
+    """Whether `from_pretrained` kernelizes unless told `use_kernels=False` (transformers >= 5.25)."""
+    import transformers
+
+    try:
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (5, 25)
+
+
+_KERNELIZE_BY_DEFAULT = _kernelizes_by_default()
+
+
 class InternImagePreTrainedModel(PreTrainedModel):
     config_class = InternImageConfig
     base_model_prefix = "internimage"
@@ -527,6 +541,15 @@ class InternImagePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternImageLayer"]
     _can_record_outputs = {"hidden_states": InternImageLevel}  # plus the first level's input: the stem output
+
+    def set_use_kernels(self, use_kernels, *args, **kwargs):
+        """transformers' hook after `from_pretrained` (`use_kernels=...`) and on `kernels_mode` changes. `True`
+        kernelizes (the DCNv3 layers get the compiled kernel layer, or the reference after one warning); `False`
+        puts the DCNv3 layers on the reference where transformers kernelizes by default (>= 5.25, so `False` was
+        asked for). Before 5.25 `False` is the default and keeps the layers as built (compiled op if available)."""
+        if not use_kernels and _KERNELIZE_BY_DEFAULT:
+            use_reference(self)
+        return super().set_use_kernels(use_kernels, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

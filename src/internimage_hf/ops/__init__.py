@@ -1,9 +1,15 @@
-"""DCNv3 operator: one entry point (`dcnv3_core`), a compiled fast path and the pure-PyTorch reference."""
+"""DCNv3 operator: one entry point (`dcnv3_core`), a compiled fast path and the pure-PyTorch reference.
 
+Importing this package registers `DCNv3Core`'s kernel mapping with `kernels` (`hub.register()`: no file is read and
+no request made until a model is kernelized)."""
+
+from . import hub
 from .compiled import DCNv3KernelWarning
-from .dispatch import DCNv3Core, dcnv3_core, resolve_backend
+from .dispatch import DCNv3Core, dcnv3_core, resolve_backend, use_reference
 from .loader import kernel_status
 from .reference import dcnv3_core_reference, dcnv3_output_size
+
+hub.register()
 
 __all__ = [
     "DCNv3Core",
@@ -13,4 +19,5 @@ __all__ = [
     "dcnv3_output_size",
     "kernel_status",
     "resolve_backend",
+    "use_reference",
 ]

@@ -116,10 +116,70 @@ def _exporting() -> bool:
     return bool(is_exporting is not None and is_exporting())
 
 
+try:  # the decorator transformers' own layers use (e.g. deformable DETR's MultiScaleDeformableAttention)
+    from kernels import use_kernel_forward_from_hub
+except ImportError:  # pragma: no cover - `kernels` is a dependency; without it the layer simply is not swappable
+
+    def use_kernel_forward_from_hub(layer_name):
+        return lambda cls: cls
+
+
+LAYER_NAME = "DCNv3Core"  # the name of the layer in `kernels`' mapping and in the kernel package (`layers.DCNv3Core`)
+
+
+@use_kernel_forward_from_hub(LAYER_NAME)
 class DCNv3Core(nn.Module):
-    """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels` needs no `__init__`, all arguments)."""
+    """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels.kernelize`, `from_pretrained(...,
+    use_kernels=True)`); the mapping for cpu and cuda is registered by `internimage_hf.ops.hub` on import.
+
+    The class's `forward` is the pure-PyTorch reference: what `kernels` falls back to and what
+    `from_pretrained(..., use_kernels=False)` runs. A new instance (a model built from a config) dispatches through
+    `dcnv3_core` instead (compiled op if available, `INTERNIMAGE_DCNV3_BACKEND`), until `kernelize` replaces or
+    resets its forward (the instance attribute `forward`, the way `kernels` swaps layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward = self._dispatch_forward
 
     def forward(
+        self,
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: torch.Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: int,
+        mask_softmax: bool = False,
+    ) -> torch.Tensor:
+        return dcnv3_core_reference(
+            input,
+            offset,
+            mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+            mask_softmax,
+        )
+
+    def _dispatch_forward(
         self,
         input: torch.Tensor,
         offset: torch.Tensor,
@@ -156,3 +216,13 @@ class DCNv3Core(nn.Module):
             remove_center,
             mask_softmax,
         )
+
+
+def use_reference(model: nn.Module) -> nn.Module:
+    """Every `DCNv3Core` of `model` back on its class forward, the pure-PyTorch reference (what
+    `from_pretrained(..., use_kernels=False)` does); returns `model`."""
+    for module in model.modules():
+        if isinstance(module, DCNv3Core):
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_kernel_repo", None)
+    return model

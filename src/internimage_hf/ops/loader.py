@@ -91,29 +91,46 @@ def _local_candidates(root: Path) -> list[Path]:
     return [root / "build" / name for name in names]
 
 
-def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
+def local_build_problem(path: Path) -> str | None:
+    """Why the local build in the variant folder `path` must not be imported (stale, for another torch, a missing,
+    modified or unsafe file: the record in metadata.json is checked against every file), or None if it may be.
+    Nothing of it is imported here."""
     import torch
 
-    from .build import default_cache_dir, source_digest, source_dir
+    from .build import source_digest, source_dir
+
+    try:
+        _, record = build_record(path)
+        if record.get("torch") != torch.__version__:
+            return f"the kernel build in {path} is for torch {record.get('torch')}, not {torch.__version__}"
+        src = source_dir()
+        if src is not None and record.get("source_digest") != source_digest(src):
+            return f"the kernel build in {path} is out of date (built from other sources or build flags)"
+        verify_build(path, record)
+    except Exception as err:  # corrupt folder, missing or modified library...
+        return f"the kernel build in {path} could not be loaded ({type(err).__name__}: {err})"
+    return None
+
+
+def local_build_variants(problems: list[str]) -> tuple[Path, list[Path]]:
+    """(cache root, the variant folders for this torch that exist there); records a problem when there is none."""
+    from .build import default_cache_dir
 
     root = default_cache_dir()
     candidates = [p for p in _local_candidates(root) if p.is_dir()]
     if not candidates:
         problems.append(f"no local kernel build for this torch in {root / 'build'}")
-        return None
-    src = source_dir()
-    digest = source_digest(src) if src is not None else None
+    return root, candidates
+
+
+def _load_local(problems: list[str]) -> CompiledDCNv3 | None:
+    _, candidates = local_build_variants(problems)
     for path in candidates:
+        problem = local_build_problem(path)
+        if problem is not None:
+            problems.append(problem)
+            continue
         try:
-            _, record = build_record(path)
-            if record.get("torch") != torch.__version__:
-                problems.append(
-                    f"the kernel build in {path} is for torch {record.get('torch')}, not {torch.__version__}"
-                )
-                continue
-            if digest is not None and record.get("source_digest") != digest:
-                problems.append(f"the kernel build in {path} is out of date (built from other sources or build flags)")
-                continue
             return _import_variant(path)
         except Exception as err:  # corrupt folder, missing library, ABI mismatch...
             problems.append(f"the kernel build in {path} could not be loaded ({type(err).__name__}: {err})")
@@ -208,6 +225,11 @@ def kernel_status() -> dict:
     }
 
 
+# Other decisions made once per process that depend on the same builds (`hub.py`'s kernel layers): forgotten by
+# `_reset` too. (A list of callables, so that this module imports nothing that imports it.)
+RESET_HOOKS: list = []
+
+
 def _reset() -> None:
     """Forget the decision (tests; after `build_kernels` in a running process)."""
     with _LOCK:
@@ -215,6 +237,8 @@ def _reset() -> None:
         _STATE.op = None
         _STATE.problems = []
         _STATE.warned = False
+    for hook in RESET_HOOKS:
+        hook()
 
 
 __all__ = ["DCNv3KernelWarning", "KernelCacheError", "get_compiled_op", "kernel_status"]
