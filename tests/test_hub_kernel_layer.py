@@ -24,6 +24,11 @@ from .test_kernels import _break
 kernels = pytest.importorskip("kernels")
 
 KERNELIZES_BY_DEFAULT = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 25)
+# transformers 5.25 kernelizes only with kernels >= 0.19.1 (the window admits 0.18.3: see the test below)
+needs_transformers_kernels = pytest.mark.skipif(
+    not transformers.modeling_utils.is_kernels_available(),
+    reason="this transformers refuses to kernelize with the installed kernels release",
+)
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
@@ -133,6 +138,7 @@ def test_model_from_config_runs_the_compiled_op_without_extra_calls(local_build)
         assert rel_err(out, use_reference(_model())(X).logits) < 1e-5
 
 
+@needs_transformers_kernels
 def test_from_pretrained_use_kernels_true_swaps_in_the_compiled_layer(local_build, saved):
     folder, reference = saved
     with warnings.catch_warnings(record=True) as record:
@@ -147,6 +153,7 @@ def test_from_pretrained_use_kernels_true_swaps_in_the_compiled_layer(local_buil
     assert rel_err(out, reference) < 1e-5
 
 
+@needs_transformers_kernels
 def test_from_pretrained_default_follows_transformers(local_build, saved):
     folder, _ = saved
     model = transformers.AutoModelForImageClassification.from_pretrained(folder)
@@ -162,6 +169,20 @@ def test_from_pretrained_use_kernels_false_keeps_the_reference(local_build, save
     assert _kind(model) == "reference"
     with torch.no_grad():
         assert torch.equal(model(X).logits, reference)
+
+
+def test_kernels_release_transformers_refuses_degrades_with_one_warning(local_build, saved, monkeypatch):
+    """transformers 5.25 kernelizes by default but refuses kernels < 0.19.1 (ValueError from from_pretrained): the
+    model loads anyway, with one warning, on its own dispatch (the compiled op)."""
+    monkeypatch.setattr(transformers.modeling_utils, "is_kernels_available", lambda: False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = transformers.AutoModelForImageClassification.from_pretrained(saved[0], use_kernels=True)
+    ours = _ours(record)
+    assert len(ours) == 1 and "cannot kernelize" in ours[0], ours
+    assert _kind(model) == "dispatch"
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, _model()(X).logits)
 
 
 def test_kernelize_swaps_and_resets(local_build):
@@ -260,6 +281,7 @@ def _check_degrades(folder, reference, match):
     assert torch.equal(out, reference)
 
 
+@needs_transformers_kernels
 @pytest.mark.parametrize("kind", ["missing", "corrupt-metadata", "corrupt-library", "stale", "not-a-folder"])
 def test_broken_local_build_degrades_with_one_warning(kernel_dir, saved, tmp_path, monkeypatch, kind):
     """The loader's checks run before kernels imports anything: a truncated library is never mapped."""
@@ -278,12 +300,14 @@ def test_broken_local_build_degrades_with_one_warning(kernel_dir, saved, tmp_pat
     assert not imported
 
 
+@needs_transformers_kernels
 @pytest.mark.parametrize("fault", sorted(LOCAL_FAULTS))
 def test_kernels_failing_on_the_local_build_degrades_with_one_warning(local_build, saved, monkeypatch, fault):
     monkeypatch.setattr(kernels.LocalLayerRepository, "load", _raiser(LOCAL_FAULTS[fault]))
     _check_degrades(*saved, match=str(LOCAL_FAULTS[fault]))
 
 
+@needs_transformers_kernels
 @pytest.mark.parametrize("fault", sorted(HUB_FAULTS))
 def test_hub_kernel_faults_degrade_with_one_warning(saved, tmp_path, monkeypatch, fault):
     monkeypatch.setenv("INTERNIMAGE_DCNV3_KERNEL_REPO", "org/dcnv3")
@@ -297,6 +321,7 @@ def test_hub_kernel_faults_degrade_with_one_warning(saved, tmp_path, monkeypatch
         loader._reset()
 
 
+@needs_transformers_kernels
 def test_failing_hub_kernel_falls_back_to_the_local_build_with_one_warning(local_build, saved, monkeypatch):
     monkeypatch.setenv("INTERNIMAGE_DCNV3_KERNEL_REPO", "org/dcnv3")
     monkeypatch.setattr(kernels.LayerRepository, "load", _raiser(HUB_FAULTS["untrusted"]))
@@ -308,6 +333,7 @@ def test_failing_hub_kernel_falls_back_to_the_local_build_with_one_warning(local
     assert _kind(model) == "kernel"
 
 
+@needs_transformers_kernels
 def test_hub_kernel_through_local_kernels_override(local_build, saved, monkeypatch):
     """The Hub source (a kernels.LayerRepository) exercised offline: LOCAL_KERNELS points the repo at the build."""
     repo = "internimage-hf-test/internimage-dcnv3"
@@ -323,6 +349,7 @@ def test_hub_kernel_through_local_kernels_override(local_build, saved, monkeypat
         assert rel_err(model(X).logits, saved[1]) < 1e-5
 
 
+@needs_transformers_kernels
 @pytest.mark.parametrize(
     "network",
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internimage import InternImageConfig
-from .ops import DCNv3Core, use_reference
+from .ops import DCNv3Core, DCNv3KernelWarning, use_reference
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
@@ -533,6 +534,14 @@ def _kernelizes_by_default() -> bool:
 _KERNELIZE_BY_DEFAULT = _kernelizes_by_default()
 
 
+def _transformers_kernels_usable() -> bool:
+    """Whether transformers accepts the installed `kernels` for `set_use_kernels(True)` (its own check)."""
+    from transformers import modeling_utils
+
+    check = getattr(modeling_utils, "is_kernels_available", None)
+    return check is None or bool(check())
+
+
 class InternImagePreTrainedModel(PreTrainedModel):
     config_class = InternImageConfig
     base_model_prefix = "internimage"
@@ -547,6 +556,17 @@ class InternImagePreTrainedModel(PreTrainedModel):
         kernelizes (the DCNv3 layers get the compiled kernel layer, or the reference after one warning); `False`
         puts the DCNv3 layers on the reference where transformers kernelizes by default (>= 5.25, so `False` was
         asked for). Before 5.25 `False` is the default and keeps the layers as built (compiled op if available)."""
+        if use_kernels and not _transformers_kernels_usable():
+            # e.g. transformers 5.25 (kernelizes by default, needs kernels >= 0.19.1) with kernels 0.18.3: its
+            # from_pretrained would raise; the layers stay as built (compiled op through the loader) instead.
+            warnings.warn(
+                "transformers cannot kernelize with the installed `kernels` (it needs a newer release); the DCNv3 "
+                "layers keep their own dispatch (the compiled op if available). To fix: install the `kernels` "
+                "version transformers asks for, or pass use_kernels=False.",
+                DCNv3KernelWarning,
+                stacklevel=3,
+            )
+            return None
         if not use_kernels and _KERNELIZE_BY_DEFAULT:
             use_reference(self)
         return super().set_use_kernels(use_kernels, *args, **kwargs)
