@@ -70,10 +70,7 @@ def _register() -> None:
     register_checkpoint_conversion_mapping(InternImageConfig.model_type, remote_code_renamings(), overwrite=True)
     load_local_folders_directly(AutoBackbone)  # transformers asks the Hub about local folders too (offline: error)
     processor_class = type(make_image_processor())
-    try:
-        AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class}, exist_ok=True)
-    except TypeError:  # pragma: no cover - transformers before the backend split
-        AutoImageProcessor.register(InternImageConfig, slow_image_processor_class=processor_class, exist_ok=True)
+    AutoImageProcessor.register(InternImageConfig, image_processor_classes={"pil": processor_class}, exist_ok=True)
 
 
 def _load() -> None:

@@ -7,12 +7,8 @@ import numbers
 from typing import Any
 
 import numpy as np
-
-try:  # transformers >= 5.5
-    from transformers.backbone_utils import BackboneConfigMixin
-except ImportError:  # pragma: no cover - older 5.x / 4.x
-    from transformers.utils.backbone_utils import BackboneConfigMixin
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 # Official architecture of each released variant (the official configs). `eval_size` is the resolution its
 # released 1k weights were evaluated at; `train_drop_path_rate` the official training value (models load with
