@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("INTERNIMAGE_FIXTURES") or Path(__file__).resolve().parent / "fixtures" / "official")
 collect_ignore = ["hf_shims"]  # stand-ins for transformers test helpers (see hf_shims/README.md), not tests
 MODEL_CASES = ("tiny_t", "tiny_l", "tiny_h", "tiny_g")
+# FlashInternImage (DCNv4) fixtures, also in the repository (tests/fixtures/flash/README.md).
+FLASH_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "flash"
+FLASH_MODEL_CASES = ("flash_tiny_t", "flash_tiny_l")
 
 
 rel_err = relative_error  # ‖out − ref‖ / ‖ref‖ in float64
@@ -27,6 +30,13 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"official fixtures not found at {FIXTURES} (set INTERNIMAGE_FIXTURES)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def flash_fixtures_dir() -> Path:
+    if not FLASH_FIXTURES.is_dir():
+        pytest.fail(f"FlashInternImage fixtures not found at {FLASH_FIXTURES}")
+    return FLASH_FIXTURES
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,14 @@
-"""DCNv3 operator: one entry point (`dcnv3_core`), a compiled fast path and the pure-PyTorch reference.
+"""DCNv3 and DCNv4 operators: one entry point each (`dcnv3_core`, `dcnv4_core`), compiled fast paths and the
+pure-PyTorch references.
 
 Importing this package registers `DCNv3Core`'s kernel mapping with `kernels` (`hub.register()`: no file is read and
 no request made until a model is kernelized)."""
 
 from . import hub
 from .compiled import DCNv3KernelWarning
-from .dispatch import DCNv3Core, dcnv3_core, resolve_backend, use_reference
+from .dispatch import DCNv3Core, dcnv3_core, dcnv4_core, resolve_backend, use_reference
 from .loader import kernel_status
-from .reference import dcnv3_core_reference, dcnv3_output_size
+from .reference import dcnv3_core_reference, dcnv3_output_size, dcnv4_core_reference, dcnv4_offset_mask_channels
 
 hub.register()
 
@@ -17,6 +18,9 @@ __all__ = [
     "dcnv3_core",
     "dcnv3_core_reference",
     "dcnv3_output_size",
+    "dcnv4_core",
+    "dcnv4_core_reference",
+    "dcnv4_offset_mask_channels",
     "kernel_status",
     "resolve_backend",
     "use_reference",

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from .reference import check_dcnv3_params, dcnv3_core_reference
+from .reference import check_dcnv3_params, dcnv3_core_reference, dcnv4_core_reference
 
 BACKEND_ENV = "INTERNIMAGE_DCNV3_BACKEND"
 BACKENDS = ("auto", "compiled", "reference")
@@ -104,6 +104,44 @@ def dcnv3_core(
             )
             return op(*args)
     return dcnv3_core_reference(*args)
+
+
+def dcnv4_core(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """DCNv4 core op (the official argument order without its launch-tuning arguments, channels-last). The math:
+    `dcnv4_core_reference`. backend: as for `dcnv3_core`."""
+    resolve_backend(backend)
+    return dcnv4_core_reference(
+        input,
+        offset_mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
 
 
 def _exporting() -> bool:

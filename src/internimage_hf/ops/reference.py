@@ -47,6 +47,7 @@ def check_dcnv3_params(
     group_channels: int,
     offset_scale: float,
     remove_center: int,
+    op: str = "DCNv3",
 ) -> tuple[int, int, int]:
     """The checks every backend shares, before any kernel runs: return (H_out, W_out, P) or raise ValueError.
 
@@ -65,24 +66,24 @@ def check_dcnv3_params(
         ("group_channels", group_channels),
     ):
         if value < 1:
-            raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
+            raise ValueError(f"{op} {name} must be >= 1, got {value}")
     if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"DCNv3 padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
+        raise ValueError(f"{op} padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
     if not math.isfinite(offset_scale):
-        raise ValueError(f"DCNv3 offset_scale must be finite, got {offset_scale}")
+        raise ValueError(f"{op} offset_scale must be finite, got {offset_scale}")
     if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
-        raise ValueError("DCNv3 remove_center needs an odd kernel size")
+        raise ValueError(f"{op} remove_center needs an odd kernel size")
     points = dcnv3_num_points(kernel_h, kernel_w, remove_center)
     if points < 1:
         raise ValueError(
-            f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+            f"{op} has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
             "none (use a kernel of at least 3x3, or remove_center=0)"
         )
     h_out = dcnv3_output_size(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = dcnv3_output_size(w, kernel_w, stride_w, pad_w, dilation_w)
     if h_out < 1 or w_out < 1:
         raise ValueError(
-            f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+            f"{op} input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
             f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
             f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})"
         )
@@ -293,15 +294,170 @@ def dcnv3_core_reference(
     loc_x = base_x.to(compute_dtype).view(1, 1, w_out, 1, points) + offset[..., 0] * offset_scale / w_pad
     loc_y = base_y.to(compute_dtype).view(1, h_out, 1, 1, points) + offset[..., 1] * offset_scale / h_pad
     grid = torch.stack((2 * loc_x - 1, 2 * loc_y - 1), dim=-1)
-    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, h_out * w_out, points, 2)
-
     x = F.pad(input.to(compute_dtype), (0, 0, pad_w, pad_w, pad_h, pad_h))
-    value = x.reshape(n, h_pad, w_pad, group, group_channels).permute(0, 3, 4, 1, 2)
-    value = value.reshape(n * group, group_channels, h_pad, w_pad)
+    weights = mask.to(compute_dtype).reshape(n, h_out, w_out, group, points)
+    return _sample_points(x, grid, weights, group_channels).to(out_dtype)
+
+
+def _sample_points(value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor, group_channels: int) -> torch.Tensor:
+    """The sampling both DCN versions share: out[n, y, x, g, c] = sum_p weights[n, y, x, g, p] * bilinear(value[n,
+    :, :, g, c], grid[n, y, x, g, p]), bilinear reading zero outside the image.
+
+    value (N, H, W, G*Cg) channels-last; grid (N, Ho, Wo, G, P, 2) in grid_sample's (x, y) convention for `value`'s
+    size (align_corners=False); weights (N, Ho, Wo, G, P). Returns (N, Ho, Wo, G*Cg) in the compute dtype.
+    """
+    n, h, w, _ = value.shape
+    _, h_out, w_out, group, points, _ = grid.shape
+    value = value.reshape(n, h, w, group, group_channels).permute(0, 3, 4, 1, 2)
+    value = value.reshape(n * group, group_channels, h, w)
+    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, h_out * w_out, points, 2)
     sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # sampled: (N*G, Cg, Ho*Wo, P); weight every point by its mask and sum over points.
-    weights = mask.to(compute_dtype).reshape(n, h_out * w_out, group, points).permute(0, 2, 1, 3)
+    # sampled: (N*G, Cg, Ho*Wo, P); weight every point and sum over points.
+    weights = weights.reshape(n, h_out * w_out, group, points).permute(0, 2, 1, 3)
     # Multiply-then-sum, as the official reference does: its float32 rounding is what the fixtures hold.
     out = (sampled * weights.reshape(n * group, 1, h_out * w_out, points)).sum(-1)
-    out = out.reshape(n, group, group_channels, h_out, w_out).permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, -1)
-    return out.to(out_dtype)
+    return out.reshape(n, group, group_channels, h_out, w_out).permute(0, 3, 4, 1, 2).reshape(n, h_out, w_out, -1)
+
+
+def dcnv4_offset_mask_channels(group: int, points: int) -> int:
+    """Channels of the `offset_mask` tensor DCNv4 layers produce: G * 3P rounded up to a multiple of 8 (the
+    official `offset_mask` Linear's width; the op reads the first G * 3P and ignores the rest)."""
+    return (group * points * 3 + 7) // 8 * 8
+
+
+def check_dcnv4_args(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+) -> tuple[int, int, int]:
+    """Validate DCNv4 shapes and parameters; return (H_out, W_out, P). Raises ValueError/TypeError."""
+    for name, t in (("input", input), ("offset_mask", offset_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"DCNv4 {name} must be a tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError(f"DCNv4 {name} must be real, got {t.dtype}")
+    if not input.is_floating_point():
+        raise TypeError(f"DCNv4 input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() != 4:
+        raise ValueError(f"DCNv4 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
+    if offset_mask.device != input.device:
+        raise ValueError(f"DCNv4 input and offset_mask must be on one device, got {input.device}, {offset_mask.device}")
+    n, h, w, c = input.shape
+    h_out, w_out, points = check_dcnv3_params(
+        h,
+        w,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+        op="DCNv4",
+    )
+    if c != group * group_channels:
+        raise ValueError(
+            f"DCNv4 input has {c} channels but group * group_channels = {group} * {group_channels} = "
+            f"{group * group_channels}"
+        )
+    needed = group * points * 3
+    if offset_mask.dim() != 4 or tuple(offset_mask.shape[:3]) != (n, h_out, w_out) or offset_mask.shape[3] < needed:
+        raise ValueError(
+            f"DCNv4 offset_mask must have shape ({n}, {h_out}, {w_out}, >= {needed}) (G * 3P channels, usually "
+            f"padded to {dcnv4_offset_mask_channels(group, points)}), got {tuple(offset_mask.shape)}"
+        )
+    return h_out, w_out, points
+
+
+def dcnv4_core_reference(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+) -> torch.Tensor:
+    """DCNv4 core in plain PyTorch (differentiable in input and offset_mask): DCNv3 without the softmax, offsets and
+    weights read from one tensor.
+
+    input (N, H, W, G*Cg); offset_mask (N, Ho, Wo, >= G*3P): group g holds, from channel g*3P, 2P offsets (x, y
+    interleaved) then P weights, used as they are (any sign, not normalised); channels past G*3P are ignored. With
+    e = (dilation*(kernel-1)) >> 1, s = offset_scale rounded to float32 (the official kernel takes a C++ float), and
+    point p = i*kernel_h + j (i over width, j over height, the centre skipped with remove_center):
+
+        y = (y_out*stride_h + e_h - pad_h - e_h*s) + (j*dilation_h + dy_p)*s      (x likewise with i, w, dx_p)
+        out[n, y_out, x_out, g*Cg + c] = sum_p m_p * bilinear(input[n, :, :, g*Cg + c], y, x)
+
+    in exact pixel coordinates (the official DCNv4 kernel's arithmetic, not DCNv3's normalised float32 grid), bilinear
+    reading zero outside the image. float16/bfloat16 are computed in float32 and cast back.
+    """
+    h_out, w_out, points = check_dcnv4_args(
+        input,
+        offset_mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
+    out_dtype = input.dtype
+    n, h, w, c = input.shape
+    if n == 0:
+        link = input.sum().to(out_dtype) + offset_mask.sum().to(out_dtype)
+        return input.new_zeros((0, h_out, w_out, c)) * link
+    compute_dtype = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
+    scale = float(torch.tensor(offset_scale, dtype=torch.float32))
+    dev = input.device
+    tap_x, tap_y = _point_taps(kernel_h, kernel_w, remove_center, dilation_h, dilation_w, dev, compute_dtype)
+    e_h, e_w = (dilation_h * (kernel_h - 1)) >> 1, (dilation_w * (kernel_w - 1)) >> 1
+    start_y = torch.arange(h_out, device=dev, dtype=compute_dtype) * stride_h + (e_h - pad_h) - e_h * scale
+    start_x = torch.arange(w_out, device=dev, dtype=compute_dtype) * stride_w + (e_w - pad_w) - e_w * scale
+    om = offset_mask[..., : group * points * 3].to(compute_dtype).unflatten(-1, (group, 3 * points))
+    offset = om[..., : 2 * points].unflatten(-1, (points, 2))
+    y = start_y.view(1, h_out, 1, 1, 1) + (tap_y + offset[..., 1]) * scale
+    x = start_x.view(1, 1, w_out, 1, 1) + (tap_x + offset[..., 0]) * scale
+    # Pixel coordinates to grid_sample's [-1, 1] (align_corners=False: pixel centres at (2k + 1) / size - 1).
+    grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1)
+    return _sample_points(input.to(compute_dtype), grid, om[..., 2 * points :], group_channels).to(out_dtype)
+
+
+def _point_taps(kernel_h, kernel_w, remove_center, dilation_h, dilation_w, device, dtype):
+    """Kernel tap of every point, (tap_x, tap_y) each (P,): point p = i * kernel_h + j sits at (i * dilation_w,
+    j * dilation_h), the centre dropped with remove_center."""
+    i = torch.arange(kernel_w, device=device).repeat_interleave(kernel_h)
+    j = torch.arange(kernel_h, device=device).repeat(kernel_w)
+    if remove_center:
+        keep = (i != kernel_w // 2) | (j != kernel_h // 2)
+        i, j = i[keep], j[keep]
+    return (i * dilation_w).to(dtype), (j * dilation_h).to(dtype)
