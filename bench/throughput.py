@@ -123,10 +123,7 @@ class Case:
         if self.impl in ("reference", "compiled"):
             stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND=self.impl))
         elif self.impl == "official":  # what the official code runs: reference op, plain PyTorch layers
-            from internimage_hf.modeling_internimage import fast_paths
-
             stack.enter_context(_env(INTERNIMAGE_DCNV3_BACKEND="reference"))
-            stack.enter_context(fast_paths(False))
         elif self.impl == "free-op":
             stack.enter_context(_free_dcnv3_op())
         if self.dtype in ("bfloat16", "float16"):
@@ -152,17 +149,15 @@ def _free_dcnv3_op():
     Its throughput is what InternImage would reach with a DCNv3 kernel that costs nothing, so free-op / reference
     is the largest end-to-end gain any DCNv3 kernel can give over the reference op on this machine.
     """
-    from internimage_hf.ops import DCNv3Core, dispatch
+    from internimage_hf.ops import DCNv3Core
 
-    # A model built from a config calls `dispatch.dcnv3_core` (through its layers' instance forward); the class
-    # forward is the reference a kernelized or `use_kernels=False` model runs.
-    forward, core = DCNv3Core.forward, dispatch.dcnv3_core
+    # free-op models run their DCNv3 layers on the class forward (`prepare_internimage`).
+    forward = DCNv3Core.forward
     DCNv3Core.forward = lambda self, input, *args, **kwargs: input
-    dispatch.dcnv3_core = lambda input, *args, **kwargs: input
     try:
         yield
     finally:
-        DCNv3Core.forward, dispatch.dcnv3_core = forward, core
+        DCNv3Core.forward = forward
 
 
 @contextlib.contextmanager
@@ -274,6 +269,21 @@ def parse_args(argv=None):
     return args
 
 
+def prepare_internimage(module: torch.nn.Module, impl: str, mode: str, device: torch.device) -> None:
+    """InternImage as users run it: `from_pretrained` kernelizes (transformers >= 5.25; else `kernels.kernelize`),
+    which gives the DCNv3 layers the compiled kernel and, on the CPU, the oneDNN Linear/MLP layers. `official`
+    stays plain (PyTorch layers, reference op); `reference` and `free-op` keep the CPU layers but put the DCNv3
+    layers on their class forward (the reference, which `_free_dcnv3_op` patches)."""
+    from kernels import Mode, kernelize
+
+    from internimage_hf.ops import use_reference
+
+    if impl != "official":
+        kernelize(module, device=device.type, mode=Mode.TRAINING if mode == "train" else Mode.INFERENCE)
+    if impl in ("reference", "official", "free-op"):
+        use_reference(module)
+
+
 def build_cases(args, device) -> list[Case]:
     cases = []
     train_batch = args.train_batch or max(args.batch)
@@ -289,6 +299,8 @@ def build_cases(args, device) -> list[Case]:
                     for dtype in args.dtype:
                         module = build_model(name, tiny=args.tiny).to(device)
                         module.train(mode == "train")
+                        if name.startswith("internimage"):
+                            prepare_internimage(module, impl, mode, device)
                         g = torch.Generator().manual_seed(0)
                         inputs = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
                         labels = torch.randint(0, 1000, (batch,), generator=g).to(device)

@@ -89,16 +89,16 @@ def test_export_rejects_example_inputs_the_dynamic_graph_cannot_cover(tmp_path):
         export_onnx(model, tmp_path / "x.onnx", image_size=32)
 
 
-def test_fast_paths_see_an_onnx_export_in_progress(monkeypatch):
-    """The fast paths step aside during export; the cheap ONNX-flag check must read the flags torch sets."""
+def test_cpu_layers_see_an_onnx_export_in_progress(monkeypatch):
+    """The kernelized CPU layers step aside during export: their check must read the flags torch sets."""
     import torch
 
-    from internimage_hf.modeling_internimage import _tracing
+    from internimage_hf.ops.cpu_layers import _tracing
 
     assert not _tracing() and not torch.onnx.is_in_onnx_export()
     globals_module = pytest.importorskip(
         "torch.onnx._internal.torchscript_exporter._globals",
-        reason="torch moved its ONNX flags: _tracing uses the public check then",
+        reason="torch moved its private ONNX flags (this test sets one)",
     )
     GLOBALS = globals_module.GLOBALS
 

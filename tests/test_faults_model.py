@@ -1,7 +1,8 @@
-"""Fault injection at the model level: bad inputs, weight edits of every kind, concurrent use and switch toggling.
+"""Fault injection at the model level: bad inputs, weight edits of every kind, concurrent use of plain and kernelized
+models.
 
 Each case ends in one clear ValueError (naming what to do) or in the right numbers; nothing is left behind in the
-process (the fast-path switch is context-local and restored on exceptions).
+process (kernelization is per model: no switch reaches another model or thread).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from internimage_hf import InternImageConfig, InternImageForImageClassification
-from internimage_hf.modeling_internimage import _fast_paths_enabled, fast_paths
 
 from .conftest import rel_err
 
@@ -36,6 +36,13 @@ def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def kernelized(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as `from_pretrained` leaves it on the CPU: DCNv3 kernel layer and oneDNN Linear/MLP layers."""
+    from kernels import Mode, kernelize
+
+    return kernelize(model, device="cpu", mode=Mode.INFERENCE)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -50,7 +57,7 @@ def exact_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The same weights run in float64 on plain PyTorch ops: what every float32 run must stay close to."""
     clone = InternImageForImageClassification(model.config).double().eval()
     clone.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    with torch.no_grad(), fast_paths(False):
+    with torch.no_grad():
         return clone(x.double()).logits
 
 
@@ -146,8 +153,9 @@ EDITS = {
     ],
 )
 def test_inference_never_serves_a_stale_weight(edit, which):
-    """Whatever way a weight is edited between two inference calls, the second call computes with the new value."""
-    model = randomised(InternImageForImageClassification(tiny_config()))
+    """Whatever way a weight is edited between two inference calls, the second call computes with the new value
+    (kernelized: the CPU layers read the weight on every call)."""
+    model = kernelized(randomised(InternImageForImageClassification(tiny_config())))
     x = pixels()
     with torch.inference_mode():
         model(x)
@@ -159,55 +167,36 @@ def test_inference_never_serves_a_stale_weight(edit, which):
     assert rel_err(after, exact_logits(model, x)) < 1e-5
 
 
-# ----------------------------------------------------------------------------------- the fast-path switch
-def test_fast_paths_switch_is_per_thread_and_exception_safe(model):
+# ------------------------------------------------------------------------- per-model kernelization, threads
+def test_kernelized_and_plain_models_side_by_side_in_threads(model):
+    """Kernelizing one model changes nothing for another (no global switch): run both at once in threads."""
+    import copy
+
+    fast = kernelized(copy.deepcopy(model))
     x = pixels()
     with torch.no_grad():
-        reference = model(x).logits
-    inside, release = threading.Event(), threading.Event()
-    seen = {}
+        expected = {"plain": model(x).logits, "fast": fast(x).logits}
+    assert rel_err(expected["fast"], expected["plain"]) < 1e-5
+    results, errors = {}, []
+    barrier = threading.Barrier(4)
 
-    def switched_off():
-        with fast_paths(False):
-            inside.set()
-            release.wait(30)
-            seen["off"] = _fast_paths_enabled()
-
-    thread = threading.Thread(target=switched_off)
-    thread.start()
-    assert inside.wait(30)
-    try:
-        assert _fast_paths_enabled()  # another thread's block does not reach this one
-        with torch.no_grad():
-            assert torch.equal(model(x).logits, reference)
-    finally:
-        release.set()
-        thread.join(30)
-    assert seen["off"] is False and _fast_paths_enabled()
-    with pytest.raises(RuntimeError, match="boom"), fast_paths(False):
-        raise RuntimeError("boom")
-    assert _fast_paths_enabled()
-
-
-def test_overlapping_switch_blocks_in_many_threads_leave_it_on(model):
-    errors = []
-    barrier = threading.Barrier(8)
-
-    def toggle(i):
+    def run(i):
+        name, net = ("plain", model) if i % 2 == 0 else ("fast", fast)
         try:
             barrier.wait(30)
-            for _ in range(20):
-                with fast_paths(i % 2 == 0):
-                    assert _fast_paths_enabled() == (i % 2 == 0)
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = (name, net(x).logits)
         except Exception as error:  # collected, so that a failure names itself
             errors.append(error)
 
-    threads = [threading.Thread(target=toggle, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
-    assert not errors and _fast_paths_enabled()
+        thread.join(120)
+    assert not errors and len(results) == 4
+    assert all(torch.equal(logits, expected[name]) for name, logits in results.values())
 
 
 def test_threads_sharing_one_model_agree_bit_for_bit(model):
@@ -233,15 +222,14 @@ def test_threads_sharing_one_model_agree_bit_for_bit(model):
     assert all(torch.equal(r, expected) for r in results)
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_float64_is_float64_on_both_paths(model, enabled):
-    """Nothing inside a float64 model computes in float32 (the mask softmax did with the fast paths off)."""
+def test_float64_is_float64_plain_and_kernelized(model):
+    """Nothing inside a float64 model computes in float32 (the mask softmax once did on the plain path)."""
+    import copy
+
     x = pixels(dtype=torch.float64)
     double = randomised(InternImageForImageClassification(tiny_config())).double()
     with torch.no_grad():
-        with fast_paths(enabled):
-            out = double(x).logits
-        with fast_paths(not enabled):
-            other = double(x).logits
-    assert out.dtype == torch.float64
+        out = double(x).logits
+        other = kernelized(copy.deepcopy(double))(x).logits
+    assert out.dtype == other.dtype == torch.float64
     assert rel_err(out, other) < 1e-12

@@ -32,7 +32,9 @@ needs_transformers_kernels = pytest.mark.skipif(
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def _model():
+def _model(cpu_layers: bool = True):
+    """A model built from a config (DCNv3 layers on their own dispatch). With cpu_layers, its Linear/MLP modules get
+    the oneDNN CPU layers that `kernelize` also swaps in, so that outputs compare bit for bit with kernelized ones."""
     config = internimage_hf.InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], num_labels=3)
     torch.manual_seed(0)
     model = internimage_hf.InternImageForImageClassification(config).eval()
@@ -40,6 +42,10 @@ def _model():
         for name, p in model.named_parameters():
             if name.endswith("offset.weight") or name.endswith("mask.weight"):
                 p.normal_(0, 0.5)
+    if cpu_layers:
+        for module in model.modules():
+            if type(module).__name__ in ("InternImageLinear", "InternImageMLP"):
+                kernels.kernelize(module, device="cpu", mode=kernels.Mode.INFERENCE)
     return model
 
 
@@ -167,8 +173,8 @@ def test_from_pretrained_use_kernels_false_keeps_the_reference(local_build, save
         assert _kind(model) == "dispatch"
         return
     assert _kind(model) == "reference"
-    with torch.no_grad():
-        assert torch.equal(model(X).logits, reference)
+    with torch.no_grad():  # and plain Linear/MLP layers: nothing was kernelized
+        assert torch.equal(model(X).logits, use_reference(_model(cpu_layers=False))(X).logits)
 
 
 def test_kernels_release_transformers_refuses_degrades_with_one_warning(local_build, saved, monkeypatch):
@@ -182,7 +188,7 @@ def test_kernels_release_transformers_refuses_degrades_with_one_warning(local_bu
     assert len(ours) == 1 and "cannot kernelize" in ours[0], ours
     assert _kind(model) == "dispatch"
     with torch.no_grad():
-        assert torch.equal(model(X).logits, _model()(X).logits)
+        assert torch.equal(model(X).logits, _model(cpu_layers=False)(X).logits)
 
 
 def test_kernelize_swaps_and_resets(local_build):

@@ -67,7 +67,13 @@ def pixels(n=2, h=64, w=64, seed=1):
 
 
 def test_round_trip_through_every_auto_class(saved_model):
+    """Bit-identical outputs after a save/load round trip, the saved model kernelized as `from_pretrained`
+    kernelizes the loaded ones (by default from transformers 5.25)."""
+    from internimage_hf.modeling_internimage import _KERNELIZE_BY_DEFAULT
+
     folder, model = saved_model
+    if _KERNELIZE_BY_DEFAULT:
+        model = _cpu_layers(copy.deepcopy(model), "INFERENCE")
     x = pixels()
     with torch.no_grad():
         expected = model(x, output_hidden_states=True)
@@ -219,45 +225,68 @@ def test_odd_input_sizes_work_for_conv_head_variants():
     assert model(torch.randn(1, 3, 97, 45)).logits.shape == (1, 3)
 
 
-def test_cpu_inference_fast_paths_agree_with_plain_pytorch():
-    """oneDNN linear + fused GELU and the elementwise softmax change nothing beyond float32 rounding."""
-    from internimage_hf.modeling_internimage import fast_paths, onednn_linear_applies
+def _cpu_layers(model, mode):
+    """The model kernelized for the CPU (oneDNN Linear/MLP layers), as `from_pretrained` leaves it."""
+    from kernels import Mode, kernelize
 
-    model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    return kernelize(model, device="cpu", mode=getattr(Mode, mode))
+
+
+def test_cpu_inference_layers_agree_with_plain_pytorch():
+    """oneDNN linear + fused GELU (kernelized CPU layers) change nothing beyond float32 rounding."""
+    from internimage_hf.ops import cpu_layers
+
+    plain_model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    model = _cpu_layers(copy.deepcopy(plain_model), "INFERENCE")
+    assert model.internimage.encoder.levels[0].layers[0].mlp.forward.__func__ is cpu_layers.OneDNNMLP.forward
     x = pixels()
     with torch.no_grad():
-        assert onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight) == (
-            internimage_hf.modeling_internimage._ONEDNN_LINEAR is not None
+        assert cpu_layers.onednn_linear_dtype(x.permute(0, 2, 3, 1), model.classifier.weight) == (
+            torch.float32 if cpu_layers._onednn_linear_op() is not None else None
         )
         fast = model(x, output_hidden_states=True)
-        with fast_paths(False):
-            assert not onednn_linear_applies(x.permute(0, 2, 3, 1), model.classifier.weight)
-            plain = model(x, output_hidden_states=True)
+        plain = plain_model(x, output_hidden_states=True)
     assert rel_err(fast.logits, plain.logits) < 1e-5
     for a, b in zip(fast.hidden_states, plain.hidden_states):
         assert rel_err(a, b) < 1e-5
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inference on oneDNN, where it has bf16
         with torch.no_grad():
-            bf16_native = internimage_hf.modeling_internimage._onednn_bf16()
-            assert onednn_linear_applies(x, model.classifier.weight) == bf16_native
-        assert not onednn_linear_applies(x, model.classifier.weight)  # training keeps autocast's F.linear
+            bf16_native = cpu_layers._onednn_bf16()
+            assert (cpu_layers.onednn_linear_dtype(x, model.classifier.weight) is not None) == bf16_native
+        assert cpu_layers.onednn_linear_dtype(x, model.classifier.weight) is None  # training keeps F.linear
 
 
-def test_cpu_training_fast_path_gradients_match_float64():
+def test_cpu_layers_step_aside_for_compile_and_adapters():
+    """Mode.TORCH_COMPILE keeps the plain layers; a hooked fc1 (e.g. an adapter) is called, not bypassed."""
+    from kernels import Mode, kernelize
+
+    from internimage_hf.modeling_internimage import InternImageMLP
+
+    model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    kernelize(model, device="cpu", mode=Mode.INFERENCE | Mode.TORCH_COMPILE)
+    mlp = next(m for m in model.modules() if isinstance(m, InternImageMLP))
+    assert "forward" not in mlp.__dict__ or mlp.forward.__func__ is InternImageMLP.forward
+    _cpu_layers(model, "INFERENCE")
+    calls = []
+    handle = mlp.fc1.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with torch.no_grad():
+        model(pixels())
+    handle.remove()
+    assert calls  # the hook ran: the fused path was not taken for this MLP
+
+
+def test_cpu_training_layers_gradients_match_float64():
     """The oneDNN training path is as accurate as plain PyTorch, judged against a float64 run."""
-    from internimage_hf.modeling_internimage import fast_paths
-
     model = randomise(InternImageForImageClassification(tiny_config())).train()
     x, labels = pixels(), torch.tensor([0, 2])
 
-    def gradient(m, inputs, enabled):
-        with fast_paths(enabled):
-            m(inputs, labels=labels).loss.backward()
+    def gradient(m, inputs):
+        m(inputs, labels=labels).loss.backward()
         return torch.cat([p.grad.flatten().double() for p in m.parameters()])
 
-    exact = gradient(copy.deepcopy(model).double(), x.double(), False)
-    fast = gradient(copy.deepcopy(model), x, True)
-    plain = gradient(copy.deepcopy(model), x, False)
+    exact = gradient(copy.deepcopy(model).double(), x.double())
+    fast = gradient(_cpu_layers(copy.deepcopy(model), "TRAINING"), x)
+    plain = gradient(copy.deepcopy(model), x)
     # Randomised deformable offsets amplify float32 rounding to ~2e-5 here, on either path.
     assert rel_err(plain, exact) < 1e-4
     assert rel_err(fast, exact) < max(3 * rel_err(plain, exact), 1e-6)

@@ -6,9 +6,6 @@ Inside every level tensors are channels-last (N, H, W, C), as in the official co
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import warnings
 
 import torch
@@ -18,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.integrations import use_kernel_forward_from_hub
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
@@ -32,142 +30,10 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_internimage import InternImageConfig
 from .ops import DCNv3Core, DCNv3KernelWarning, use_reference
 
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
-
-@functools.cache
-def _onednn_bf16() -> bool:
-    """oneDNN runs bfloat16 natively only on CPUs with AVX-512 BF16 / AMX."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check is not None and check())
-
-
-@functools.cache
-def _onnx_exporting():
-    """A cheap check for `torch.onnx.is_in_onnx_export()`, which re-imports two modules on every call (~1 µs, and
-    the fast paths ask ~200 times per forward). Falls back to the public function where torch moved its flags."""
-    try:
-        from torch.onnx._internal.exporter import _flags
-        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-
-        if hasattr(GLOBALS, "in_onnx_export") and hasattr(_flags, "_is_onnx_exporting"):
-            return lambda: bool(GLOBALS.in_onnx_export or _flags._is_onnx_exporting)
-    except ImportError:
-        pass
-    return torch.onnx.is_in_onnx_export
-
-
-_JIT_TRACING = torch._C._get_tracing_state
-_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-_EXPORTING = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
-
-
-def _tracing() -> bool:
-    """Whether jit tracing, torch.compile / export or ONNX export is running: they get plain PyTorch ops."""
-    return bool(_JIT_TRACING() or _COMPILING() or _EXPORTING() or _onnx_exporting()())
-
-
-# Whether this context runs the CPU fast paths (oneDNN linear with fused GELU, the mask softmax fused into the DCNv3
-# op). Context-local (each thread and asyncio task has its own), so `fast_paths(False)` in one thread never changes
-# what another computes.
-_FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("internimage_hf_fast_paths", default=True)
-
-
-def _fast_paths_enabled() -> bool:
-    # torch.compile does not trace ContextVar reads; it gets the default (its graphs use plain ops anyway).
-    return _COMPILING() or _FAST_PATHS.get()
-
-
-@contextlib.contextmanager
-def fast_paths(enabled: bool):
-    """Turn the CPU fast paths (oneDNN linear + fused GELU, fused mask softmax) on or off in this thread/context.
-
-    Off, every layer runs the plain PyTorch ops the official implementation uses (for benchmarks and debugging);
-    results agree to float32 rounding either way. Other threads are unaffected; leaving the block (also by an
-    exception) restores the previous setting.
-    """
-    token = _FAST_PATHS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _FAST_PATHS.reset(token)
-
-
-def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear.
-
-    On CPU, oneDNN's linear (the kernel torch.compile uses) is 2-3x faster than eager addmm (MKL) for InternImage's
-    shapes, and can fuse the MLP's GELU. Under bfloat16 autocast, inference runs it in bfloat16 (on CPUs with native
-    bf16). Training under autocast, tracing and export keep F.linear.
-    """
-    if _ONEDNN_LINEAR is None or x.device.type != "cpu" or _tracing() or not _FAST_PATHS.get():
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _onednn_bf16():
-            return None
-        return torch.bfloat16 if x.is_floating_point() and weight.is_floating_point() else None
-    if x.dtype != weight.dtype:
-        return None
-    return x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()) else None
-
-
-def onednn_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a Linear runs on oneDNN's linear instead of F.linear (see `onednn_linear_dtype`)."""
-    return onednn_linear_dtype(x, weight) is not None
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b on oneDNN, with the input gradient on oneDNN too (the weight gradient stays on torch.mm,
-    which is faster for its long reduction)."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias):
-        ctx.save_for_backward(x2d, weight)
-        ctx.has_bias = bias is not None
-        return _ONEDNN_LINEAR(x2d, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2d, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _ONEDNN_LINEAR(grad, weight.t().contiguous(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:
-            grad_w = grad.t().mm(x2d)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum(0)
-        return grad_x, grad_w, grad_b
-
-
+@use_kernel_forward_from_hub("InternImageLinear")
 class InternImageLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) on oneDNN where it applies, with an optional fused GELU.
-
-    The weight is used as it is on every call (no prepared copy is kept): edits of any kind, `.data` and NumPy views
-    included, are seen by the next call.
-    """
-
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        dtype = onednn_linear_dtype(x, self.weight)
-        if dtype is None:
-            out = F.linear(x, self.weight, self.bias)
-            return F.gelu(out) if gelu else out
-        flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-        weight, bias = self.weight, self.bias
-        if torch.is_grad_enabled() and (
-            flat.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            # never under autocast (onednn_linear_dtype): one dtype throughout
-            out = _OneDNNLinear.apply(flat, weight, bias)
-            out = F.gelu(out) if gelu else out
-        else:
-            if dtype != weight.dtype:  # bf16 autocast inference
-                weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-            if gelu:
-                out = _ONEDNN_LINEAR(flat, weight, bias, "gelu", [None], "none")
-            else:
-                out = _ONEDNN_LINEAR(flat, weight, bias, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+    """nn.Linear that `kernels.kernelize` can give a faster CPU forward (internimage_hf.ops.cpu_layers)."""
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -306,17 +172,13 @@ class InternImageDCNv3(nn.Module):
         else:
             params = self.sampling_parameters(hidden_states)
         offset, mask = params[0], params[1]
-        # The softmax over each group's points runs inside the op (fused into the compiled CPU kernel); with the
-        # fast paths off, in PyTorch first, as the official code does.
-        fused = _fast_paths_enabled()
-        if not fused:  # in float32 at least (the official code's dtype), in float64 for float64 models
-            dtype = torch.promote_types(mask.dtype, torch.float32)
-            mask = mask.unflatten(-1, (self.groups, self.points)).softmax(-1, dtype=dtype).flatten(-2)
+        # The mask is passed as logits: the op takes the softmax over each group's points (fused into the compiled
+        # kernel; the reference computes it in float32 at least, as the official code does).
         pad = (self.kernel_size - 1) // 2
         out = self.core(
             x,
             offset,
-            mask.to(x.dtype),
+            mask,
             self.kernel_size,
             self.kernel_size,
             1,
@@ -329,7 +191,7 @@ class InternImageDCNv3(nn.Module):
             self.group_channels,
             self.offset_scale,
             self.remove_center,
-            fused,
+            mask_softmax=True,
         )
         if self.center_feature_scale_proj is not None:
             scale = params[2].repeat_interleave(self.group_channels, dim=-1)
@@ -337,16 +199,18 @@ class InternImageDCNv3(nn.Module):
         return self.output_proj(out)
 
 
+@use_kernel_forward_from_hub("InternImageMLP")
 class InternImageMLP(nn.Module):
     def __init__(self, config: InternImageConfig, channels: int):
         super().__init__()
         hidden = int(channels * config.mlp_ratio)
         self.fc1 = InternImageLinear(channels, hidden)
+        self.act = nn.GELU()
         self.fc2 = InternImageLinear(hidden, channels)
         self.dropout = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.dropout(self.fc1(x, gelu=True))))
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
 
 
 class InternImageLayer(GradientCheckpointingLayer):

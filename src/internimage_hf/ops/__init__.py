@@ -2,15 +2,16 @@
 pure-PyTorch references.
 
 Importing this package registers `DCNv3Core`'s kernel mapping with `kernels` (`hub.register()`: no file is read and
-no request made until a model is kernelized)."""
+no request made until a model is kernelized) and the CPU GEMM layers of `cpu_layers`."""
 
-from . import hub
+from . import cpu_layers, hub
 from .compiled import DCNv3KernelWarning
 from .dispatch import DCNv3Core, dcnv3_core, dcnv4_core, resolve_backend, use_reference
 from .loader import kernel_status
 from .reference import dcnv3_core_reference, dcnv3_output_size, dcnv4_core_reference, dcnv4_offset_mask_channels
 
 hub.register()
+cpu_layers.register()
 
 __all__ = [
     "DCNv3Core",

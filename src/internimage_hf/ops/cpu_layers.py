@@ -1,0 +1,196 @@
+"""CPU layers that `kernels.kernelize` swaps in for InternImage's Linear and MLP: GEMMs on oneDNN, the MLP's GELU
+fused into its first GEMM.
+
+The modeling file uses plain `nn.Linear`/`nn.GELU` (decorated `use_kernel_forward_from_hub("InternImageLinear")` and
+`("InternImageMLP")`); `register()` maps those names, on cpu, for the inference and training modes, to the layers
+below. `AutoModel*.from_pretrained` kernelizes by default (transformers >= 5.25), otherwise call
+`kernels.kernelize(model, device="cpu", mode=Mode.INFERENCE)`; `Mode.TORCH_COMPILE` keeps the plain layers (inductor
+picks its own GEMMs). On InternImage's shapes oneDNN's linear (the kernel inductor's CPU freezing uses) is faster than
+eager addmm and can fuse GELU (measured 2026-12-07, AMD EPYC AVX-512: plain layers cost 10-18% of inference speed).
+
+Every call reads the module's current weight (nothing is packed or cached, so no edit can go stale) and decides
+from the call alone (device, dtype, autocast, grad mode, tracing): no global state. Where oneDNN does not apply the
+layers compute exactly what the plain modules do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR_LAYER = "InternImageLinear"
+MLP_LAYER = "InternImageMLP"
+
+
+def _onednn_linear_op():
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """oneDNN runs bfloat16 natively only on CPUs with AVX-512 BF16 / AMX (a fact of the machine)."""
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def _tracing() -> bool:
+    """jit tracing, torch.compile / torch.export and ONNX export get the plain ops every tool knows."""
+    compiler = torch.compiler
+    return bool(
+        torch.jit.is_tracing() or compiler.is_compiling() or compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )
+
+
+def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear: float32 (and bfloat16 on
+    CPUs with native bf16) on the CPU; under bfloat16 autocast, inference only. Tracing and export keep F.linear."""
+    if x.device.type != "cpu" or _onednn_linear_op() is None or _tracing():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _onednn_bf16():
+            return None
+        return torch.bfloat16 if x.is_floating_point() and weight.is_floating_point() else None
+    if x.dtype != weight.dtype:
+        return None
+    return x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()) else None
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b on oneDNN, with the input gradient on oneDNN too (the weight gradient stays on torch.mm,
+    which is faster for its long reduction)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias):
+        ctx.save_for_backward(x2d, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear_op()(x2d, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear_op()(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x2d)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """F.linear (then GELU if asked) on oneDNN where it applies (`onednn_linear_dtype`), else in plain PyTorch."""
+    dtype = onednn_linear_dtype(x, weight)
+    if dtype is None:
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if gelu else out
+    flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    if torch.is_grad_enabled() and (
+        flat.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        out = _OneDNNLinearFunction.apply(flat, weight, bias)  # never under autocast: one dtype throughout
+        out = F.gelu(out) if gelu else out
+    else:
+        if dtype != weight.dtype:  # bf16 autocast inference
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        if gelu:
+            out = _onednn_linear_op()(flat, weight, bias, "gelu", [None], "none")
+        else:
+            out = _onednn_linear_op()(flat, weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes exactly F.linear(x, weight, bias): an nn.Linear without a forward of its own and
+    without hooks (an adapter such as a LoRA wrapper, a quantised Linear or a hook is called as it is instead)."""
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return False
+    own = module.__dict__.get("forward")  # where `kernelize` put a layer's forward
+    if own is not None and getattr(own, "__func__", None) not in (nn.Linear.forward, OneDNNLinear.forward):
+        return False
+    hooks = nn.modules.module
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
+
+
+def _exact_gelu(module: nn.Module) -> bool:
+    return type(module) is nn.GELU and module.approximate == "none"
+
+
+class OneDNNLinear(nn.Module):
+    """Replaces `InternImageLinear.forward` (an nn.Linear): the same computation on oneDNN where it applies."""
+
+    has_backward = True
+    can_torch_compile = False  # compiled graphs keep the plain Linear
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+class OneDNNMLP(nn.Module):
+    """Replaces `InternImageMLP.forward` (fc1, act, dropout, fc2, dropout): fc1 and the exact GELU as one oneDNN
+    call. Adapted or hooked sub-modules are called as they are, so nothing attached to them is bypassed."""
+
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _plain_linear(self.fc1) and _exact_gelu(self.act):
+            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        else:
+            x = self.act(self.fc1(x))
+        return self.dropout(self.fc2(self.dropout(x)))
+
+
+class _InPackageRepository:
+    """A `kernels` repository (its protocol: `layer_name`, `load()`) for a layer defined in this package."""
+
+    def __init__(self, layer: type[nn.Module], layer_name: str):
+        self.layer_name = layer_name
+        self._layer = layer
+
+    def load(self) -> type[nn.Module]:
+        return self._layer
+
+    def __str__(self) -> str:
+        return f"internimage_hf CPU layer {self._layer.__name__}"
+
+    def __copy__(self):  # kernels deep-copies inherited mappings; the repository is immutable
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def kernel_mapping() -> dict:
+    """{layer name: {"cpu": {mode: repository}}} for the inference and training modes."""
+    from kernels import Mode
+
+    mapping = {}
+    for layer, name in ((OneDNNLinear, LINEAR_LAYER), (OneDNNMLP, MLP_LAYER)):
+        repo = _InPackageRepository(layer, name)
+        mapping[name] = {"cpu": {Mode.INFERENCE: repo, Mode.TRAINING: repo}}
+    return mapping
+
+
+def register() -> bool:
+    """Add the CPU layers to `kernels`' global mapping (on import of internimage_hf.ops); False if `kernels` is
+    missing or refuses them (the modules then keep their plain forward)."""
+    try:
+        from kernels import register_kernel_mapping
+
+        register_kernel_mapping(kernel_mapping())
+    except Exception:  # a kernels release without this API or these modes
+        return False
+    return True
+
+
+__all__ = ["OneDNNLinear", "OneDNNMLP", "kernel_mapping", "linear", "onednn_linear_dtype", "register"]
