@@ -468,6 +468,7 @@ def card_facts(
         verification=verification.sentence(),
         date=datetime.datetime.now(datetime.UTC).date().isoformat(),
         versions=_versions(),
+        core_op=plan.config.core_op,
     )
 
 
