@@ -12,6 +12,7 @@ The fixtures are found from this file's location (no conftest fixture needed), s
 from __future__ import annotations
 
 import json
+import unittest
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from transformers import AutoBackbone, AutoModelForImageClassification, pipeline
 from internimage_hf.cli import main as cli_main
 from internimage_hf.modeling_internimage import InternImageDCNv4, fast_paths
 from internimage_hf.utils import relative_error
+
+from . import test_modeling_internimage as _common
 
 FLASH_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "flash"
 CASES = ("flash_tiny_t", "flash_tiny_l")
@@ -143,3 +146,33 @@ def test_pipeline_runs_on_a_converted_flash_model(converted):
     image = torch.rand(3, 90, 70).mul(255).to(torch.uint8).numpy().transpose(1, 2, 0)
     result = classify(Image.fromarray(image), top_k=3)
     assert len(result) == 3 and all(entry["label"].startswith("LABEL_") for entry in result)
+
+
+# ------------------------------------------------------------------------------------------------ transformers' tests
+# transformers' common model and backbone tests (the same testers as tests/test_modeling_internimage.py), on a small
+# FlashInternImage config: save/load, init, training, gradient checkpointing, export and the backbone API.
+class _FlashTester(_common.InternImageModelTester):
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, channels=16, groups=(1, 2, 2, 4), **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.core_op = "DCNv4"  # set first: the fields below resolve against it
+        config.dw_kernel_size, config.dcn_output_bias, config.mlp_fc2_bias = 3, True, False
+        return config
+
+
+class FlashInternImageModelTest(_common.InternImageModelTest):
+    def setUp(self):
+        super().setUp()
+        self.model_tester = _FlashTester(self)
+
+    @unittest.skip(reason="dtype loading does not depend on the core op (test_modeling_internimage runs it); ~12 s")
+    def test_bc_torch_dtype(self):
+        pass
+
+
+class FlashInternImageBackboneTest(_common.InternImageBackboneTest):
+    def setUp(self):
+        super().setUp()
+        self.model_tester = _FlashTester(self)
