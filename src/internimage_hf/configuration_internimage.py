@@ -376,7 +376,6 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
 
     def __init__(
         self,
-        core_op: str = "DCNv3",
         channels: int = 64,
         depths: list[int] | tuple[int, ...] = (4, 4, 18, 4),
         groups: list[int] | tuple[int, ...] = (4, 8, 16, 32),
@@ -404,6 +403,7 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         hidden_act: str = "gelu",
         image_size: int = 224,
         recompute_sampling_parameters: bool = True,
+        core_op: str = "DCNv3",  # after the older fields: positional calls keep their meaning
         dcn_output_bias: bool | None = None,
         mlp_fc2_bias: bool | None = None,
         out_features: list[str] | None = None,
