@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoBackbone, AutoModelForImageClassification, pipeline
 
+from internimage_hf import InternImageConfig
 from internimage_hf.cli import main as cli_main
 from internimage_hf.modeling_internimage import InternImageDCNv4, fast_paths
 from internimage_hf.utils import relative_error
@@ -146,6 +147,22 @@ def test_pipeline_runs_on_a_converted_flash_model(converted):
     image = torch.rand(3, 90, 70).mul(255).to(torch.uint8).numpy().transpose(1, 2, 0)
     result = classify(Image.fromarray(image), top_k=3)
     assert len(result) == 3 and all(entry["label"].startswith("LABEL_") for entry in result)
+
+
+def test_new_model_has_the_official_dcnv4_init():
+    """offset_mask starts at zero (every point on the regular grid, zero mask), projections xavier-uniform with zero
+    bias, offset_mask_dw PyTorch's default: what the official `_reset_parameters` leaves."""
+    config = InternImageConfig.from_preset("tiny", core_op="DCNv4", dw_kernel_size=3, dcn_output_bias=True)
+    model = AutoModelForImageClassification.from_config(config)
+    for layer in model.modules():
+        if not isinstance(layer, InternImageDCNv4):
+            continue
+        assert not layer.offset_mask.weight.any() and not layer.offset_mask.bias.any()
+        for proj in (layer.value_proj, layer.output_proj):
+            bound = (6 / sum(proj.weight.shape)) ** 0.5
+            assert proj.weight.abs().max() <= bound and proj.weight.std() > bound / 3 and not proj.bias.any()
+        fan_in = layer.offset_mask_dw.weight[0].numel()
+        assert layer.offset_mask_dw.weight.abs().max() <= fan_in**-0.5 and layer.offset_mask_dw.weight.any()
 
 
 # ------------------------------------------------------------------------------------------------ transformers' tests
