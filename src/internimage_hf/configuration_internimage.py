@@ -534,7 +534,6 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
     def validate(self) -> None:
         """transformers' checks plus every InternImage check (`save_pretrained` calls this)."""
         super().validate()
-        self._checked("core_op", self.core_op)
         for field in sorted(_CHECKED_FIELDS):
             self._checked(field, getattr(self, field))
         self._validate()

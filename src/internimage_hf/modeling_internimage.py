@@ -378,16 +378,16 @@ class InternImageDCNv4(nn.Module):
             offset_mask,
             self.kernel_size,
             self.kernel_size,
-            1,
-            1,
-            1,
-            1,
-            1,
-            1,
+            1,  # stride_h
+            1,  # stride_w
+            1,  # pad_h
+            1,  # pad_w
+            1,  # dilation_h
+            1,  # dilation_w
             self.groups,
             self.group_channels,
             self.offset_scale,
-            0,
+            0,  # remove_center
         )
         return self.output_proj(out)
 
