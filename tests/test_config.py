@@ -72,7 +72,7 @@ def test_official_and_remote_code_fields_are_accepted():
         dw_kernel_size=None,
     )
     assert config.num_labels == 7 and config.dw_kernel_size == 3
-    assert "num_classes" not in config.to_dict() and "core_op" not in config.to_dict()
+    assert "num_classes" not in config.to_dict() and config.to_dict()["core_op"] == "DCNv3"  # a field since DCNv4
 
 
 def test_backbone_fields_round_trip(tmp_path):

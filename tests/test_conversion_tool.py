@@ -21,7 +21,13 @@ from internimage_hf.conversion.detect import architecture_from_state_dict, match
 from internimage_hf.conversion.errors import ConversionError
 from internimage_hf.conversion.keys import convert_official_state_dict, rename_official_key
 from internimage_hf.conversion.pipeline import SourceInfo, Verification, card_facts, plan_conversion
-from internimage_hf.conversion.releases import RELEASES, RELEASES_BY_NAME, load_manifest, manifest_text
+from internimage_hf.conversion.releases import (
+    ALL_RELEASES,
+    RELEASES,
+    RELEASES_BY_NAME,
+    load_manifest,
+    manifest_text,
+)
 from internimage_hf.conversion.source import load_weights_folder
 from internimage_hf.labels import imagenet_labels
 
@@ -219,8 +225,8 @@ def test_manifest_lists_every_release(tmp_path):
     path = REPO / "conversion" / "manifest.json"
     assert path.read_text() == manifest_text(), "regenerate: see conversion/README.md"
     _, entries = load_manifest(path)
-    assert [e.name for e in entries] == [r.name for r in RELEASES] and len(entries) == 11
-    assert [e.release for e in entries] == list(RELEASES)
+    assert [e.name for e in entries] == [r.name for r in ALL_RELEASES] and len(entries) == 11 + 4  # + FlashInternImage
+    assert [e.release for e in entries] == list(ALL_RELEASES)
     by_name = {e.name: e for e in entries}
     assert by_name["internimage-t-1k-224"].repo_id == "internimage-hf/internimage-t-1k-224"
     assert by_name["internimage-g-22kto1k-512"].base_model == "internimage-hf/internimage-g-jointto22k-384"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from internimage_hf import VARIANTS, InternImageConfig
+from internimage_hf.configuration_internimage import FLASH_VARIANTS
 
-from .conftest import FIXTURES, MODEL_CASES
+from .conftest import FIXTURES, FLASH_FIXTURES, FLASH_MODEL_CASES, MODEL_CASES
 
 NAN, INF = math.nan, math.inf
 TRANSFORMERS_FIELDS = {"out_features", "out_indices"}  # checked by transformers' BackboneConfigMixin
@@ -179,6 +180,24 @@ BAD = [
     # ---- backbone outputs (transformers' checks)
     (dict(out_features=["stage9"]), "out_features"),
     (dict(out_indices=[7]), "out_indices"),
+    # ---- core op and the FlashInternImage (DCNv4) fields
+    (dict(core_op="DCNv5"), "core_op"),
+    (dict(core_op="dcn"), "core_op"),
+    (dict(core_op=None), "core_op"),
+    (dict(core_op=4), "core_op"),
+    (dict(core_op=["DCNv4"]), "core_op"),
+    (dict(dcn_output_bias="false"), "dcn_output_bias"),
+    (dict(dcn_output_bias=0), "dcn_output_bias"),
+    (dict(mlp_fc2_bias=1), "mlp_fc2_bias"),
+    (dict(core_op="DCNv4", mlp_fc2_bias="yes"), "mlp_fc2_bias"),
+    (dict(core_op="DCNv4", kernel_size=5), "kernel_size"),  # FlashInternImage's DCNv4 is always 3x3
+    (dict(core_op="DCNv4", kernel_size=1), "kernel_size"),
+    (dict(core_op="DCNv4", remove_center=True), "remove_center"),  # cannot be set in FlashInternImage
+    (dict(core_op="DCNv4", dw_kernel_size=2), "dw_kernel_size"),
+    (dict(core_op="DCNv4", dw_kernel_size=-3), "dw_kernel_size"),
+    (dict(core_op="DCNv4", dw_kernel_size=3.0), "dw_kernel_size"),
+    (dict(core_op="DCNv4", dw_kernel_size=False), "dw_kernel_size"),
+    (dict(core_op="DCNv4", channels=10), "groups"),
 ]
 
 
@@ -207,6 +226,9 @@ BAD_DICTS = [
     ({"kernel_size": None}, "kernel_size"),
     ({"num_classes": "seven"}, "num_classes"),
     ({"level2_post_norm": True, "level2_post_norm_block_ids": {"1": 2}}, "level2_post_norm_block_ids"),
+    ({"core_op": {"op": "DCNv4"}}, "core_op"),
+    ({"core_op": "DCNv4", "dcn_output_bias": "true"}, "dcn_output_bias"),
+    ({"core_op": "DCNv4", "kernel_size": 5}, "kernel_size"),
 ]
 
 
@@ -227,6 +249,9 @@ BAD_ASSIGNMENTS = [
     ("hidden_act", "relu"),
     ("image_size", 0),
     ("kernel_size", 2),
+    ("core_op", "DCNv9"),
+    ("dcn_output_bias", "no"),
+    ("mlp_fc2_bias", 0),
 ]
 
 
@@ -290,6 +315,14 @@ GOOD = [
     dict(core_op="DCNv3_pytorch", with_cp=None),
     dict(out_features=["stage1", "stage2", "stage3", "stage4"]),
     dict(out_indices=[0, 4]),
+    # ---- FlashInternImage (DCNv4)
+    dict(core_op="DCNv4"),
+    dict(SMALL, core_op="DCNv4"),
+    dict(core_op="dcnv4", dw_kernel_size=0),  # 0 = no depthwise conv, like None
+    dict(core_op="DCNv4", dw_kernel_size=5, dcn_output_bias=True, mlp_fc2_bias=True),
+    dict(core_op="DCNv4", post_norm=True, layer_scale=1e-5, center_feature_scale=True),  # adds level norms only
+    dict(core_op="DCNv4", kernel_size=3, remove_center=False, recompute_sampling_parameters=False),
+    dict(core_op="DCNv3", dcn_output_bias=False, mlp_fc2_bias=False),
 ]
 
 
@@ -316,6 +349,48 @@ def test_official_constructor_configs_are_accepted(case):
     config = InternImageConfig(**kwargs)
     assert config.channels == kwargs["channels"] and config.depths == kwargs["depths"]
     assert config.num_labels == kwargs["num_classes"]
+
+
+@pytest.mark.parametrize("variant", list(FLASH_VARIANTS))
+def test_flash_variants_are_accepted(variant):
+    config = InternImageConfig.from_variant(variant, drop_path_rate=0.1, num_labels=1000)
+    assert config.core_op == "DCNv4" and config.kernel_size == 3 and not config.remove_center
+    assert config.image_size == FLASH_VARIANTS[variant]["eval_size"]
+
+
+@pytest.mark.parametrize("case", FLASH_MODEL_CASES)
+def test_official_flash_constructor_configs_are_accepted(case):
+    """The keyword arguments the official FlashInternImage(...) constructor got for each flash fixture."""
+    kwargs = json.loads((FLASH_FIXTURES / case / "official_config.json").read_text())
+    config = InternImageConfig(**kwargs)
+    assert config.core_op == "DCNv4" and config.num_labels == kwargs["num_classes"]
+    for field in ("dw_kernel_size", "dcn_output_bias", "mlp_fc2_bias", "offset_scale", "layer_scale", "post_norm"):
+        assert getattr(config, field) == kwargs[field], field
+
+
+@pytest.mark.parametrize(
+    "core_op, dw_kernel_size, bias",
+    [("DCNv3", 3, True), ("DCNv3_pytorch", 3, True), ("DCNv4", None, False)],
+)
+def test_none_defaults_follow_the_core_op(core_op, dw_kernel_size, bias, tmp_path):
+    """None means the official constructor's default for the chosen core op, and is saved resolved."""
+    config = InternImageConfig(core_op=core_op, dw_kernel_size=None, dcn_output_bias=None, mlp_fc2_bias=None)
+    assert config.dw_kernel_size == dw_kernel_size
+    assert config.dcn_output_bias is bias and config.mlp_fc2_bias is bias
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dw_kernel_size"] == dw_kernel_size and saved["dcn_output_bias"] is bias
+    assert InternImageConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+def test_switching_a_flash_config_to_dcnv3_is_caught_before_saving(tmp_path):
+    """DCNv4's "no depthwise conv" (None) has no DCNv3 meaning: validate() names the field."""
+    config = InternImageConfig(core_op="DCNv4")
+    config.core_op = "DCNv3"
+    with pytest.raises(ValueError) as error:
+        config.save_pretrained(tmp_path)
+    assert_names_field(error.value, "dw_kernel_size")
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_opengvlab_remote_code_config_is_accepted():

@@ -97,23 +97,105 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Official constructor keys that carry no information for this port (they select implementations we replace).
+# FlashInternImage: the InternImage architecture with DCNv4 as its core op (OpenGVLab/DCNv4,
+# `classification/configs/flash_intern_image_*.yaml`). Same keys as `VARIANTS`; the preset names are "flash_t", ...
+FLASH_VARIANTS: dict[str, dict[str, Any]] = {
+    "flash_t": dict(
+        core_op="DCNv4",
+        channels=64,
+        depths=[4, 4, 18, 4],
+        groups=[4, 8, 16, 32],
+        offset_scale=1.0,
+        layer_scale=None,
+        post_norm=False,
+        dw_kernel_size=None,
+        dcn_output_bias=False,
+        mlp_fc2_bias=False,
+        eval_size=224,
+        train_drop_path_rate=0.1,
+    ),
+    "flash_s": dict(
+        core_op="DCNv4",
+        channels=80,
+        depths=[4, 4, 21, 4],
+        groups=[5, 10, 20, 40],
+        offset_scale=1.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        dw_kernel_size=3,
+        dcn_output_bias=False,
+        mlp_fc2_bias=False,
+        eval_size=224,
+        train_drop_path_rate=0.4,
+    ),
+    "flash_b": dict(
+        core_op="DCNv4",
+        channels=112,
+        depths=[4, 4, 21, 4],
+        groups=[7, 14, 28, 56],
+        offset_scale=0.5,
+        layer_scale=1e-5,
+        post_norm=True,
+        dw_kernel_size=3,
+        dcn_output_bias=False,
+        mlp_fc2_bias=False,
+        eval_size=224,
+        train_drop_path_rate=0.5,
+    ),
+    "flash_l": dict(
+        core_op="DCNv4",
+        channels=160,
+        depths=[5, 5, 22, 5],
+        groups=[10, 20, 40, 80],
+        offset_scale=2.0,
+        layer_scale=1e-5,
+        post_norm=True,
+        dw_kernel_size=3,
+        dcn_output_bias=True,
+        mlp_fc2_bias=True,
+        eval_size=384,
+        train_drop_path_rate=0.1,
+    ),
+}
+
+
+def official_variant(key: str) -> dict[str, Any] | None:
+    """The `VARIANTS` or `FLASH_VARIANTS` entry of a normalised key (looked up on each call), or None."""
+    return VARIANTS.get(key, FLASH_VARIANTS.get(key))
+
+
+def official_variant_names() -> list[str]:
+    """Every official variant key: InternImage (DCNv3) first, then FlashInternImage (DCNv4)."""
+    return [*VARIANTS, *FLASH_VARIANTS]
+
+
 # The one small model that is not an official variant: the demo trains it from scratch, training and the examples build
 # it as the preset "tiny" (0.4M parameters, the block design of InternImage-T, 32x32 inputs).
 TINY: dict[str, Any] = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "image_size": 32}
 
 # Names `InternImageConfig.from_preset` builds a config from: "tiny" and the official variants.
-PRESETS: tuple[str, ...] = ("tiny", *VARIANTS)
+PRESETS: tuple[str, ...] = ("tiny", *VARIANTS, *FLASH_VARIANTS)
+
+# Spellings of the FlashInternImage prefix (display name, official file names, preset keys), longest first.
+_FLASH_PREFIXES = ("flashinternimage", "flash_intern_image", "flash-intern-image", "flash_internimage", "flash")
 
 
 def variant_key(name: str) -> str:
-    """The key of a variant or preset name: "InternImage-T", "internimage_t", "T" -> "t" (not checked against
-    `VARIANTS`). The one place such names are normalised (configuration, training, conversion)."""
-    return str(name).lower().removeprefix("internimage-").removeprefix("internimage_")
+    """The key of a variant or preset name: "InternImage-T", "internimage_t", "T" -> "t"; "FlashInternImage-T",
+    "flash_intern_image_t", "flash-t" -> "flash_t" (not checked against the variants). The one place such names are
+    normalised (configuration, training, conversion)."""
+    key = str(name).lower()
+    for prefix in _FLASH_PREFIXES:
+        if key.startswith(prefix):
+            return "flash_" + key.removeprefix(prefix).lstrip("-_")
+    return key.removeprefix("internimage-").removeprefix("internimage_")
 
+
+# core_op values: the official InternImage's ("DCNv3", and "DCNv3_pytorch", its pure-PyTorch build of the same op)
+# and FlashInternImage's ("DCNv4"), normalised to "DCNv3" or "DCNv4".
+CORE_OPS = {"dcnv3": "DCNv3", "dcnv3_pytorch": "DCNv3", "dcnv4": "DCNv4"}
 
 _IGNORED_OFFICIAL_KEYS = {
-    "core_op": None,
     "with_cp": None,
     "drop_path_type": "linear",
     "act_layer": "GELU",
@@ -135,7 +217,15 @@ _BOOL_FIELDS = (
     "use_clip_projector",
     "remove_center",
     "recompute_sampling_parameters",
+    "dcn_output_bias",
+    "mlp_fc2_bias",
 )
+# Bias fields whose None means the official default of the config's core_op: InternImage (DCNv3) always has these
+# biases, FlashInternImage's constructor defaults them to False.
+_CORE_OP_BIAS_DEFAULTS = {
+    "dcn_output_bias": {"DCNv3": True, "DCNv4": False},
+    "mlp_fc2_bias": {"DCNv3": True, "DCNv4": False},
+}
 # field -> smallest value
 _INT_FIELDS = {
     "channels": 2,
@@ -231,6 +321,10 @@ def _check_field(field: str, value: Any) -> Any:
         return value
     if field == "level2_post_norm_block_ids":
         return None if value is None else _check_int_list(field, value, 0)
+    if field == "core_op":
+        if not isinstance(value, str) or value.lower() not in CORE_OPS:
+            _fail(field, f"must be 'DCNv3' (InternImage) or 'DCNv4' (FlashInternImage), got {_describe(value)}")
+        return CORE_OPS[value.lower()]
     if field == "hidden_act":
         if value not in SUPPORTED_ACTIVATIONS:
             _fail(
@@ -243,7 +337,15 @@ def _check_field(field: str, value: Any) -> Any:
 
 
 _CHECKED_FIELDS = frozenset(
-    (*_BOOL_FIELDS, *_INT_FIELDS, *_INT_LIST_FIELDS, *_FLOAT_FIELDS, "level2_post_norm_block_ids", "hidden_act")
+    (
+        *_BOOL_FIELDS,
+        *_INT_FIELDS,
+        *_INT_LIST_FIELDS,
+        *_FLOAT_FIELDS,
+        "level2_post_norm_block_ids",
+        "hidden_act",
+        "core_op",
+    )
 )
 
 
@@ -255,6 +357,19 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
 
     Every field is type- and range-checked when it is set (ints must be ints, booleans bools, floats finite);
     an invalid value raises `ValueError` naming the field.
+
+    `core_op` selects the family: "DCNv3" is InternImage, "DCNv4" FlashInternImage (official `FlashInternImage(...)`
+    keyword arguments load unchanged too). Fields whose official default differs between the two take it from
+    `core_op` when left None (set `core_op` first when assigning fields one by one):
+    - `dw_kernel_size`: DCNv3: the depthwise conv (+ LayerNorm + GELU) offsets and masks are predicted from, None =
+      `kernel_size`. DCNv4: the optional depthwise conv (bias, no norm or activation) before `offset_mask`,
+      None or 0 = none.
+    - `dcn_output_bias` (the DCN output projection's bias) and `mlp_fc2_bias` (the MLP's second Linear's bias):
+      None = True for DCNv3 (InternImage always has them), False for DCNv4 (FlashInternImage's defaults).
+    FlashInternImage builds its DCNv4 layers with a 3x3 kernel and the centre point, whatever the config says, so
+    for DCNv4 `kernel_size` must be 3 and `remove_center` false (anything else is rejected);
+    `recompute_sampling_parameters` applies to DCNv3 layers only (ignored for DCNv4); `center_feature_scale` keeps
+    its official DCNv4 meaning: it only adds the level norms of post-norm models (the gate never reaches DCNv4).
     """
 
     model_type = "internimage"
@@ -288,6 +403,9 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         hidden_act: str = "gelu",
         image_size: int = 224,
         recompute_sampling_parameters: bool = True,
+        core_op: str = "DCNv3",  # after the older fields: positional calls keep their meaning
+        dcn_output_bias: bool | None = None,
+        mlp_fc2_bias: bool | None = None,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         **kwargs,
@@ -303,7 +421,9 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
             value = kwargs.pop(key, None)
             if expected is not None and value is not None and value != expected:
                 _fail(key, f"{value!r} is not supported (only {expected!r})")
-        # Each assignment is checked by __setattr__ (kernel_size before dw_kernel_size, which defaults to it).
+        # Each assignment is checked by __setattr__ (core_op first: the None defaults below depend on it; kernel_size
+        # before dw_kernel_size, which defaults to it for DCNv3).
+        self.core_op = core_op
         self.channels = channels
         self.depths = depths
         self.groups = groups
@@ -333,6 +453,8 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         # Training: recompute each DCNv3 layer's offset/mask branch in backward instead of storing it
         # (~20% less activation memory for a few % more time; results are identical).
         self.recompute_sampling_parameters = recompute_sampling_parameters
+        self.dcn_output_bias = dcn_output_bias
+        self.mlp_fc2_bias = mlp_fc2_bias
         self._validate()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         super().__init__(**kwargs)
@@ -340,10 +462,20 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _CHECKED_FIELDS:
-            if name == "dw_kernel_size" and value is None:  # official: None means "same as kernel_size"
-                value = self.kernel_size
-            value = _check_field(name, value)
+            value = self._checked(name, value)
         super().__setattr__(name, value)
+
+    def _checked(self, name: str, value: Any) -> Any:
+        """`_check_field`, with the None defaults that depend on `core_op` resolved (see the class docstring)."""
+        core_op = self.__dict__.get("core_op", "DCNv3")
+        if name == "dw_kernel_size":
+            if core_op == "DCNv4" and (value is None or (_is_int(value) and value == 0)):
+                return None  # official DCNv4: no depthwise conv before offset_mask
+            if value is None:  # official DCNv3: None means "same as kernel_size"
+                value = self.kernel_size
+        if name in _CORE_OP_BIAS_DEFAULTS and value is None:
+            value = _CORE_OP_BIAS_DEFAULTS[name][core_op]
+        return _check_field(name, value)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -375,12 +507,16 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_variant(cls, name: str, **overrides) -> InternImageConfig:
-        """Config of an official variant ("t", "s", "b", "l", "xl", "h", "g"); keyword arguments override fields."""
+        """Config of an official variant ("t", "s", "b", "l", "xl", "h", "g"; FlashInternImage "flash_t", "flash_s",
+        "flash_b", "flash_l"); keyword arguments override fields."""
         key = variant_key(name)
-        if key not in VARIANTS:
-            raise ValueError(f"Unknown InternImage variant {name!r}; choose one of {', '.join(VARIANTS)}")
-        fields = {k: v for k, v in VARIANTS[key].items() if k not in ("eval_size", "train_drop_path_rate")}
-        fields["image_size"] = VARIANTS[key]["eval_size"]
+        variant = official_variant(key)
+        if variant is None:
+            raise ValueError(
+                f"Unknown InternImage variant {name!r}; choose one of {', '.join(official_variant_names())}"
+            )
+        fields = {k: v for k, v in variant.items() if k not in ("eval_size", "train_drop_path_rate")}
+        fields["image_size"] = variant["eval_size"]
         fields.update(overrides)
         return cls(**fields)
 
@@ -390,7 +526,7 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         key = variant_key(name)
         if key == "tiny":
             return cls(**{**TINY, **overrides})
-        if key not in VARIANTS:
+        if official_variant(key) is None:
             raise ValueError(f"Unknown InternImage preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_variant(key, **overrides)
 
@@ -399,7 +535,7 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         """transformers' checks plus every InternImage check (`save_pretrained` calls this)."""
         super().validate()
         for field in sorted(_CHECKED_FIELDS):
-            _check_field(field, getattr(self, field))
+            self._checked(field, getattr(self, field))
         self._validate()
 
     def _validate(self) -> None:
@@ -411,6 +547,17 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
         for level, (width, group) in enumerate(zip(self.hidden_sizes, self.groups)):
             if width % group != 0:
                 _fail("groups", f"level {level} has {width} channels, not divisible by groups[{level}]={group}")
+        if self.core_op == "DCNv4":
+            # FlashInternImage passes no kernel size or remove_center to its DCNv4 layers: always 3x3, centre kept.
+            if self.kernel_size != 3:
+                _fail(
+                    "kernel_size",
+                    f"must be 3 with core_op DCNv4 (FlashInternImage's DCNv4 is 3x3), got {self.kernel_size}",
+                )
+            if self.remove_center:
+                _fail("remove_center", "must be false with core_op DCNv4 (FlashInternImage keeps the centre point)")
+        elif self.dw_kernel_size is None:
+            _fail("dw_kernel_size", "None (no depthwise conv) exists only with core_op DCNv4; DCNv3 layers need one")
         if self.remove_center and self.kernel_size == 1:
             _fail(
                 "remove_center",
@@ -449,4 +596,4 @@ class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
                 _fail("level2_post_norm_block_ids", f"must not repeat a block id, got {ids}")
 
 
-__all__ = ["InternImageConfig", "VARIANTS"]
+__all__ = ["FLASH_VARIANTS", "InternImageConfig", "VARIANTS"]

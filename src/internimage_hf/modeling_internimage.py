@@ -28,7 +28,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_internimage import InternImageConfig
-from .ops import DCNv3Core, DCNv3KernelWarning, use_reference
+from .ops import DCNv3Core, DCNv3KernelWarning, DCNv4Core, dcnv4_offset_mask_channels, use_reference
 
 
 @use_kernel_forward_from_hub("InternImageLinear")
@@ -142,7 +142,7 @@ class InternImageDCNv3(nn.Module):
         self.offset = InternImageLinear(channels, groups * self.points * 2)
         self.mask = InternImageLinear(channels, groups * self.points)
         self.input_proj = InternImageLinear(channels, channels)
-        self.output_proj = InternImageLinear(channels, channels)
+        self.output_proj = InternImageLinear(channels, channels, bias=config.dcn_output_bias)
         self.core = DCNv3Core()
         self.recompute_sampling_parameters = config.recompute_sampling_parameters
         # Gate between the deformable output and the plain projection (InternImage-H/G), one value per group.
@@ -199,6 +199,61 @@ class InternImageDCNv3(nn.Module):
         return self.output_proj(out)
 
 
+class InternImageDCNv4(nn.Module):
+    """DCNv4 layer (FlashInternImage): value projection, offset/mask prediction, deformable sampling with the mask
+    used as is (`DCNv4Core`), output projection. Submodules keep the official names, so checkpoints map 1:1."""
+
+    kernel_size = 3  # FlashInternImage builds every DCNv4 layer 3x3, stride 1, pad 1, dilation 1, centre kept
+    points = 9
+
+    def __init__(self, config: InternImageConfig, channels: int, groups: int):
+        super().__init__()
+        self.channels = channels
+        self.groups = groups
+        self.group_channels = channels // groups
+        self.offset_scale = config.offset_scale
+        self.value_proj = InternImageLinear(channels, channels)
+        # S/B/L: a depthwise conv with bias and no norm or activation in front of offset_mask.
+        self.offset_mask_dw = None
+        if config.dw_kernel_size is not None:
+            size = config.dw_kernel_size
+            self.offset_mask_dw = nn.Conv2d(channels, channels, size, padding=(size - 1) // 2, groups=channels)
+        # One Linear for offsets and mask, padded to a multiple of 8 outputs; the padding columns are never read.
+        self.offset_mask = InternImageLinear(channels, dcnv4_offset_mask_channels(groups, self.points))
+        self.output_proj = InternImageLinear(channels, channels, bias=config.dcn_output_bias)
+        # No centre-feature gate: the official model never passes center_feature_scale to DCNv4.
+        self.core = DCNv4Core()
+        # Official init (read by `_init_weights`): every point starts on the regular grid with a zero mask, the
+        # projections are xavier-uniform.
+        self.offset_mask._internimage_init = "zeros"
+        self.value_proj._internimage_init = self.output_proj._internimage_init = "xavier"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = self.value_proj(hidden_states)
+        # Offsets and mask come from this layer's input (norm1(x) in pre-norm, the raw block input in post-norm).
+        features = hidden_states
+        if self.offset_mask_dw is not None:
+            features = to_channels_last(self.offset_mask_dw(to_channels_first(hidden_states)))
+        offset_mask = self.offset_mask(features)
+        out = self.core(
+            x,
+            offset_mask,
+            self.kernel_size,
+            self.kernel_size,
+            1,  # stride_h
+            1,  # stride_w
+            1,  # pad_h
+            1,  # pad_w
+            1,  # dilation_h
+            1,  # dilation_w
+            self.groups,
+            self.group_channels,
+            self.offset_scale,
+            0,  # remove_center
+        )
+        return self.output_proj(out)
+
+
 @use_kernel_forward_from_hub("InternImageMLP")
 class InternImageMLP(nn.Module):
     def __init__(self, config: InternImageConfig, channels: int):
@@ -206,7 +261,7 @@ class InternImageMLP(nn.Module):
         hidden = int(channels * config.mlp_ratio)
         self.fc1 = InternImageLinear(channels, hidden)
         self.act = nn.GELU()
-        self.fc2 = InternImageLinear(hidden, channels)
+        self.fc2 = InternImageLinear(hidden, channels, bias=config.mlp_fc2_bias)
         self.dropout = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,14 +269,16 @@ class InternImageMLP(nn.Module):
 
 
 class InternImageLayer(GradientCheckpointingLayer):
-    """One block: DCNv3 branch and MLP branch, each residual, in the variant's normalisation arrangement."""
+    """One block: DCN branch (DCNv3 or DCNv4, `config.core_op`) and MLP branch, each residual, in the variant's
+    normalisation arrangement."""
 
     def __init__(self, config: InternImageConfig, channels: int, groups: int, drop_path_rate: float):
         super().__init__()
         eps = config.layer_norm_eps
         self.post_norm = config.post_norm
         self.norm1 = nn.LayerNorm(channels, eps=eps)
-        self.dcn = InternImageDCNv3(config, channels, groups)
+        dcn = InternImageDCNv4 if config.core_op == "DCNv4" else InternImageDCNv3
+        self.dcn = dcn(config, channels, groups)
         self.norm2 = nn.LayerNorm(channels, eps=eps)
         self.mlp = InternImageMLP(config, channels)
         self.drop_path = InternImageDropPath(drop_path_rate)
@@ -437,7 +494,7 @@ class InternImagePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Official init: trunc-normal Linear, xavier DCNv3 projections, zero offset/mask/gate, layer scale."""
+        """Official init: trunc-normal Linear, xavier DCNv3/DCNv4 projections, zero offset/mask/gate, layer scale."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             rule = getattr(module, "_internimage_init", None)

@@ -32,8 +32,8 @@ class EntryResult:
 
 
 def resolve_source(entry: ManifestEntry, source_dir: Path | None, source_repo: str | None) -> str:
-    """A local path when the source is there, else the Hub reference `hf://source_repo/file` (when the manifest
-    names a source_repo; else the missing local path, which the converter reports)."""
+    """A local path when the source is there, else the Hub reference `hf://source_repo/file` (the entry's own
+    source_repo, else the manifest's; with neither, the missing local path, which the converter reports)."""
     if entry.source.startswith("hf://"):
         return entry.source
     candidates = []
@@ -41,11 +41,12 @@ def resolve_source(entry: ManifestEntry, source_dir: Path | None, source_repo: s
         candidates.append(Path(entry.source))
     elif source_dir is not None:
         candidates.append(source_dir / entry.source)
-        if entry.release is not None:  # a downloaded OpenGVLab remote-code repo folder
+        if entry.release is not None and entry.release.remote_code_repo:  # a downloaded remote-code repo folder
             candidates.append(source_dir / entry.release.remote_code_repo.split("/")[-1])
     for candidate in candidates:
         if candidate.exists():
             return str(candidate)
+    source_repo = entry.source_repo or source_repo
     if Path(entry.source).is_absolute() or not source_repo:
         return str(candidates[0]) if candidates else entry.source  # the converter says "no such file"
     return f"hf://{source_repo.removeprefix('hf://')}/{entry.source}"

@@ -20,6 +20,15 @@ CITATION = """@inproceedings{wang2023internimage,
   booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year={2023}
 }"""
+FLASH_PAPER_URL = "https://arxiv.org/abs/2401.06197"
+FLASH_CODE_URL = "https://github.com/OpenGVLab/DCNv4"
+FLASH_CITATION = """@article{xiong2024efficient,
+  title={Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for Vision Applications},
+  author={Xiong, Yuwen and Li, Zhiqi and Chen, Yuntao and Wang, Feng and Zhu, Xizhou and Luo, Jiapeng and
+          Wang, Wenhai and Lu, Tong and Li, Hongsheng and Qiao, Yu and Lu, Lewei and Zhou, Jie and Dai, Jifeng},
+  journal={arXiv preprint arXiv:2401.06197},
+  year={2024}
+}"""
 _LABEL_TEXT = {
     "imagenet-1k": "the 1000 ImageNet-1k classes (names in `config.id2label`)",
     "imagenet-22k": "the 21841 ImageNet-22k classes (names in `config.id2label`)",
@@ -47,6 +56,11 @@ class CardFacts:
     verification: str = ""  # one sentence on the forward check
     date: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    core_op: str = "DCNv3"  # "DCNv4": a FlashInternImage card (its paper, code, tags and citation)
+
+    @property
+    def flash(self) -> bool:
+        return self.core_op == "DCNv4"
 
 
 def _millions(count: int) -> str:
@@ -57,7 +71,10 @@ def card_metadata(facts: CardFacts):
     from huggingface_hub import EvalResult, ModelCardData
 
     release = facts.release
-    tags = ["internimage", "dcnv3", "image-classification", "vision", "internimage-hf"]
+    if facts.flash:
+        tags = ["internimage", "flashinternimage", "dcnv4", "image-classification", "vision", "internimage-hf"]
+    else:
+        tags = ["internimage", "dcnv3", "image-classification", "vision", "internimage-hf"]
     datasets = None
     if release is not None:
         datasets = release.datasets
@@ -75,8 +92,8 @@ def card_metadata(facts: CardFacts):
                 metric_type="accuracy",
                 metric_value=release.top1,
                 metric_name="Top-1 accuracy (%)",
-                source_name="Official InternImage results",
-                source_url=CODE_URL,
+                source_name=f"Official {'FlashInternImage' if facts.flash else 'InternImage'} results",
+                source_url=FLASH_CODE_URL if facts.flash else CODE_URL,
             )
         ]
     extra = {"base_model_relation": "finetune"} if facts.base_model else {}
@@ -125,23 +142,36 @@ def render_card(facts: CardFacts) -> str:
         ),
     )
     lines = [f"# {facts.title}" + (f" ({release.name})" if release else ""), ""]
+    family = "FlashInternImage" if facts.flash else "InternImage"
     if release is not None:
+        repo = release.source_repo
         lines += [
             f"The official **{facts.title}** image classifier from OpenGVLab (`{release.source_file}` in "
-            f"[`OpenGVLab/InternImage`](https://huggingface.co/OpenGVLab/InternImage)), converted to a native "
+            f"[`{repo}`](https://huggingface.co/{repo})), converted to a native "
             f"🤗 transformers model: no `trust_remote_code`, class names included, safetensors weights.",
         ]
     else:
         lines += [
-            "An InternImage image classifier converted from an InternImage checkpoint to a native 🤗 transformers "
+            f"A {family} image classifier converted from a {family} checkpoint to a native 🤗 transformers "
             "model. It is not identified as one of the official OpenGVLab releases, so no official figures are "
             "quoted.",
         ]
+    if facts.flash:
+        about = (
+            f"FlashInternImage ([paper]({FLASH_PAPER_URL}); [code]({FLASH_CODE_URL})) is InternImage ([paper]"
+            f"({PAPER_URL}), CVPR 2023) with its DCNv3 operator replaced by DCNv4: the same deformable convolution "
+            "with learned sampling offsets, but without softmax normalisation of the sampling weights and with "
+            "memory access reorganised for speed."
+        )
+    else:
+        about = (
+            f"InternImage ([paper]({PAPER_URL}), CVPR 2023; [code]({CODE_URL})) is a large-scale convolutional vision "
+            "backbone built on DCNv3, a deformable convolution with shared weights across groups, softmax-normalised "
+            "sampling weights and learned sampling offsets."
+        )
     lines += [
         "",
-        f"InternImage ([paper]({PAPER_URL}), CVPR 2023; [code]({CODE_URL})) is a large-scale convolutional vision "
-        "backbone built on DCNv3, a deformable convolution with shared weights across groups, softmax-normalised "
-        "sampling weights and learned sampling offsets.",
+        about,
         "",
         "## Model details",
         "",
@@ -187,6 +217,7 @@ backbone = InternImageBackbone.from_pretrained(
         "## Conversion and verification",
         "",
     ]
+    citation = f"{FLASH_CITATION}\n\n{CITATION}" if facts.flash else CITATION  # FlashInternImage builds on InternImage
     files = ", ".join(f"`{name}` (sha256 `{digest}`)" for name, digest in facts.source_files) or "(unknown)"
     source = f"`{facts.source_label}`" + (f" at commit `{facts.source_commit}`" if facts.source_commit else "")
     lines += [
@@ -203,7 +234,7 @@ backbone = InternImageBackbone.from_pretrained(
         "",
         "## Citation",
         "",
-        f"```bibtex\n{CITATION}\n```",
+        f"```bibtex\n{citation}\n```",
         "",
     ]
     body = "\n".join(lines)

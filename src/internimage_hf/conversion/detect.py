@@ -4,6 +4,9 @@ Detection works on *converted* names (`internimage.embeddings.conv2.weight`, ...
 in `keys`, so `.pth` files and OpenGVLab remote-code repos are read the same way. Only shapes are
 used, so meta tensors work. What keys cannot tell (offset_scale, the layer-scale init value, post-norm when a level
 norm is present, which level-2 blocks carry post-norms) comes from the matched VARIANTS entry.
+
+FlashInternImage (DCNv4) state dicts are told apart by their `dcn.offset_mask` / `dcn.value_proj` keys; their groups
+are read from `offset_mask`'s padded width (ceil(27 G / 8) * 8), and the variant from `FLASH_VARIANTS`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from ..configuration_internimage import VARIANTS, InternImageConfig, variant_key
+from ..configuration_internimage import InternImageConfig, official_variant, official_variant_names, variant_key
 from .errors import ConversionError
 
 _PREFIX = "internimage."
@@ -26,7 +29,7 @@ class Architecture:
     channels: int
     depths: tuple[int, ...]
     groups: tuple[int, ...]
-    dw_kernel_size: int
+    dw_kernel_size: int | None  # DCNv4: the conv before offset_mask, None if there is none
     mlp_ratio: float
     layer_scale: bool
     res_post_norm: bool
@@ -36,6 +39,9 @@ class Architecture:
     clip_projector: bool
     pooled_size: int
     num_labels: int
+    core_op: str = "DCNv3"
+    dcn_output_bias: bool = True
+    mlp_fc2_bias: bool = True
 
     def trunk(self) -> dict:
         """The fields a variant fixes (everything but the head size)."""
@@ -48,6 +54,11 @@ class Architecture:
 
     def describe(self) -> str:
         parts = [self.short(), f"groups {_join(self.groups)}", f"dw kernel {self.dw_kernel_size}"]
+        if self.core_op == "DCNv4":
+            parts[-1] = f"offset_mask dw kernel {self.dw_kernel_size or 'none'}"
+            parts.insert(0, "DCNv4")
+            parts.append(f"output_proj bias {'yes' if self.dcn_output_bias else 'no'}")
+            parts.append(f"mlp.fc2 bias {'yes' if self.mlp_fc2_bias else 'no'}")
         if self.mlp_ratio != 4:
             parts.append(f"mlp ratio {self.mlp_ratio:g}")
         parts.append("layer scale" if self.layer_scale else "no layer scale")
@@ -67,14 +78,30 @@ def _join(values) -> str:
 
 
 def variant_title(name: str) -> str:
+    """ "t" -> "InternImage-T", "flash_t" -> "FlashInternImage-T"."""
+    if name.startswith("flash_"):
+        return f"FlashInternImage-{name.removeprefix('flash_').upper()}"
     return f"InternImage-{name.upper()}"
 
 
 def normalize_variant(name: str) -> str:
     key = variant_key(name)
-    if key not in VARIANTS:
-        raise ConversionError(f"Unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    if official_variant(key) is None:
+        raise ConversionError(f"Unknown variant {name!r}; choose one of {', '.join(official_variant_names())}")
     return key
+
+
+def _dcnv4_groups(rows: int, level: int) -> int:
+    """The group count whose padded offset_mask width is `rows` (widths of consecutive counts differ by >= 24)."""
+    from ..ops import dcnv4_offset_mask_channels  # the op's own rule; imported here to keep detection light
+
+    for groups in range(1, rows // 3 + 1):
+        if dcnv4_offset_mask_channels(groups, _POINTS) == rows:
+            return groups
+    raise ConversionError(
+        f"Level {level}'s DCNv4 offset_mask has {rows} outputs, not ceil(27 G / 8) * 8 for any group count G (3x3 "
+        f"points): not a released FlashInternImage layout; pass --official-config FILE"
+    )
 
 
 def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
@@ -98,8 +125,13 @@ def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
     if not layer_ids or sorted(layer_ids) != list(range(len(layer_ids))):
         raise ConversionError(f"Not an InternImage state dict: levels found {sorted(layer_ids)}")
     depths = tuple(len(layer_ids[level]) for level in sorted(layer_ids))
+    first = "encoder.levels.0.layers.0."
+    dcnv4 = first + "dcn.offset_mask.weight" in sd or first + "dcn.value_proj.weight" in sd
     groups = []
     for level in range(len(depths)):
+        if dcnv4:
+            groups.append(_dcnv4_groups(shape(f"encoder.levels.{level}.layers.0.dcn.offset_mask.weight")[0], level))
+            continue
         rows = shape(f"encoder.levels.{level}.layers.0.dcn.mask.weight")[0]
         if rows % _POINTS:
             raise ConversionError(
@@ -107,7 +139,11 @@ def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
                 f"InternImage layout; pass --official-config FILE"
             )
         groups.append(rows // _POINTS)
-    first = "encoder.levels.0.layers.0."
+    if dcnv4:
+        dw = first + "dcn.offset_mask_dw.weight"
+        dw_kernel_size = shape(dw)[-1] if dw in sd else None
+    else:
+        dw_kernel_size = shape(first + "dcn.dw_conv.conv.weight")[-1]
     post_norm_ids = {int(m[1]) for k in sd if (m := re.match(r"encoder\.levels\.2\.post_norms\.(\d+)\.", k))}
     clip = "pooler.attention.q.weight" in sd or "pooler.stage4_proj.weight" in sd
     pooled = shape("pooler.attention.proj.weight")[0] if clip else shape("pooler.conv.weight")[0]
@@ -115,7 +151,7 @@ def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
         channels=channels,
         depths=depths,
         groups=tuple(groups),
-        dw_kernel_size=shape(first + "dcn.dw_conv.conv.weight")[-1],
+        dw_kernel_size=dw_kernel_size,
         mlp_ratio=shape(first + "mlp.fc1.weight")[0] / channels,
         layer_scale=first + "layer_scale1" in sd,
         res_post_norm=first + "res_post_norm1.weight" in sd,
@@ -125,6 +161,9 @@ def architecture_from_state_dict(state_dict: Mapping) -> Architecture:
         clip_projector=clip,
         pooled_size=pooled,
         num_labels=shape("classifier.weight")[0] if "classifier.weight" in sd else 0,
+        core_op="DCNv4" if dcnv4 else "DCNv3",
+        dcn_output_bias=first + "dcn.output_proj.bias" in sd,
+        mlp_fc2_bias=first + "mlp.fc2.bias" in sd,
     )
 
 
@@ -144,6 +183,9 @@ def architecture_from_config(config: InternImageConfig) -> Architecture:
         clip_projector=config.use_clip_projector,
         pooled_size=config.pooled_size,
         num_labels=config.num_labels,
+        core_op=config.core_op,
+        dcn_output_bias=config.dcn_output_bias,
+        mlp_fc2_bias=config.mlp_fc2_bias,
     )
 
 
@@ -152,9 +194,10 @@ def variant_architecture(name: str) -> Architecture:
 
 
 def match_variant(architecture: Architecture) -> str | None:
-    """The VARIANTS entry whose trunk and head type equal `architecture`'s (None: not an official variant)."""
+    """The VARIANTS / FLASH_VARIANTS entry whose trunk and head type equal `architecture`'s (None: not an official
+    variant)."""
     trunk = architecture.trunk()
-    for name in VARIANTS:
+    for name in official_variant_names():
         if variant_architecture(name).trunk() == trunk:
             return name
     return None

@@ -5,6 +5,10 @@ Official `.pth` state dicts and OpenGVLab remote-code repos (the same names unde
 definition: by the conversion tool (`convert_official_state_dict`) and, as transformers `WeightRenaming`s registered
 for model type "internimage" (`remote_code_renamings`), by `from_pretrained` on an OpenGVLab repo.
 
+FlashInternImage (DCNv4) checkpoints use the same rules: their blocks, norms, layer scales, downsampling and heads
+are named like InternImage's, and the DCNv4 layer keeps the official submodule names (`dcn.value_proj`,
+`dcn.offset_mask_dw`, `dcn.offset_mask`, `dcn.output_proj`), which pass through unchanged.
+
 Each rule has at most one capture group and matches a key at most once, which is what transformers' `WeightRenaming`
 supports; both uses therefore rename every key identically.
 """

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_internimage import VARIANTS, InternImageConfig
+from ..configuration_internimage import InternImageConfig, official_variant, official_variant_names
 from ..labels import IMAGENET_1K, IMAGENET_22K, imagenet_labels
 from ..utils import relative_error
 from .detect import (
@@ -118,15 +118,25 @@ class ConversionPlan:
 
     @property
     def title(self) -> str:
-        return variant_title(self.variant) if self.variant else "InternImage (custom configuration)"
+        if self.variant:
+            return variant_title(self.variant)
+        family = "FlashInternImage" if self.config.core_op == "DCNv4" else "InternImage"
+        return f"{family} (custom configuration)"
 
     def architecture_text(self) -> str:
         c = self.config
         text = (
             f"channels {c.channels}, depths {'-'.join(map(str, c.depths))}, groups "
-            f"{'-'.join(map(str, c.groups))}, offset scale {c.offset_scale:g}, DCNv3 depthwise kernel "
-            f"{c.dw_kernel_size}"
+            f"{'-'.join(map(str, c.groups))}, offset scale {c.offset_scale:g}, "
         )
+        if c.core_op == "DCNv4":
+            text += "DCNv4, " + (
+                f"depthwise kernel {c.dw_kernel_size} before offset_mask" if c.dw_kernel_size else "no depthwise conv"
+            )
+            text += ", output_proj bias" if c.dcn_output_bias else ""
+            text += ", mlp.fc2 bias" if c.mlp_fc2_bias else ""
+        else:
+            text += f"DCNv3 depthwise kernel {c.dw_kernel_size}"
         if c.layer_scale is not None:
             text += ", layer scale"
         if c.post_norm:
@@ -212,7 +222,7 @@ def resolve_image_size(
     elif release is not None:
         size = release.image_size
     elif variant is not None:
-        size = PRETRAIN_22K_SIZE if num_labels == IMAGENET_22K else VARIANTS[variant]["eval_size"]
+        size = PRETRAIN_22K_SIZE if num_labels == IMAGENET_22K else official_variant(variant)["eval_size"]
     else:
         size = config.image_size
     if size < 32:
@@ -255,9 +265,10 @@ def plan_conversion(
         name = match_variant(architecture)
         if name is None:
             raise ConversionError(
-                f"unknown InternImage architecture ({architecture.describe()}): not one of the official variants "
-                f"({', '.join(VARIANTS)}); pass --official-config FILE with its official constructor arguments "
-                f"(or --variant NAME to force a variant)"
+                f"unknown {'FlashInternImage' if architecture.core_op == 'DCNv4' else 'InternImage'} architecture "
+                f"({architecture.describe()}): not one of the official variants "
+                f"({', '.join(official_variant_names())}); pass --official-config FILE with its official "
+                f"constructor arguments (or --variant NAME to force a variant)"
             )
         config = InternImageConfig.from_variant(name)
     head = converted.get("classifier.weight")
@@ -457,6 +468,7 @@ def card_facts(
         verification=verification.sentence(),
         date=datetime.datetime.now(datetime.UTC).date().isoformat(),
         versions=_versions(),
+        core_op=plan.config.core_op,
     )
 
 

@@ -1,8 +1,10 @@
-"""The 11 official InternImage classification releases and the publishing manifest built from them.
+"""The official classification releases (11 InternImage, 4 FlashInternImage) and the publishing manifest.
 
-`RELEASES` is the package's record of what OpenGVLab published: which `.pth` in the Hub repo `OpenGVLab/InternImage`,
-which architecture and head, the evaluation resolution, and the officially reported top-1 / parameters / FLOPs.
-`conversion/manifest.json` (repository root) is `build_manifest()` written out; a test keeps the two identical.
+`RELEASES` is the package's record of what OpenGVLab published for InternImage: which `.pth` in the Hub repo
+`OpenGVLab/InternImage`, which architecture and head, the evaluation resolution, and the officially reported top-1 /
+parameters / FLOPs. `FLASH_RELEASES` is the same for FlashInternImage (DCNv4, Hub repo `OpenGVLab/DCNv4`, figures
+from that repository's README); `ALL_RELEASES` is both. `conversion/manifest.json` (repository root) is
+`build_manifest()` written out; a test keeps the two identical.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from ..labels import IMAGENET_1K, IMAGENET_22K
 
 OFFICIAL_REPO = "OpenGVLab/InternImage"
+FLASH_REPO = "OpenGVLab/DCNv4"
 DEFAULT_ORG = "internimage-hf"
 HEADS = {"1k": IMAGENET_1K, "22k": IMAGENET_22K}
 
@@ -28,13 +31,15 @@ class Release:
     variant: str
     head: str  # "1k" (1000 ImageNet-1k classes) or "22k" (21841 ImageNet-22k classes)
     image_size: int
-    source_file: str  # file name in the Hub repo OpenGVLab/InternImage
-    remote_code_repo: str  # OpenGVLab's trust_remote_code repo holding the same weights
+    source_file: str  # file name in the Hub repo `source_repo`
+    remote_code_repo: str | None  # OpenGVLab's trust_remote_code repo holding the same weights (none for Flash)
     training: str  # one sentence on the data it was trained on
     top1: float | None = None  # official ImageNet-1k top-1 (%), 1k heads only
     params: str | None = None  # as reported officially
     flops: str | None = None  # as reported officially, at `image_size`
     base: str | None = None  # name of the release this one was fine-tuned from
+    source_repo: str = OFFICIAL_REPO  # the Hub repo holding `source_file`
+    pretrained_22k: bool = False  # a 1k head fine-tuned from ImageNet-22k weights that are not a release here
 
     @property
     def num_labels(self) -> int:
@@ -45,7 +50,12 @@ class Release:
         """Hub `datasets` metadata: what the weights were trained on."""
         if self.head == "22k":
             return ["imagenet-21k"]
-        return ["imagenet-21k", "imagenet-1k"] if self.base else ["imagenet-1k"]
+        return ["imagenet-21k", "imagenet-1k"] if self.base or self.pretrained_22k else ["imagenet-1k"]
+
+    @property
+    def family(self) -> str:
+        """ "FlashInternImage" (DCNv4) or "InternImage" (DCNv3)."""
+        return "FlashInternImage" if self.variant.startswith("flash_") else "InternImage"
 
     def matches_source(self, source_name: str) -> bool:
         """Whether a file/folder/repo name refers to this release (`internimage_t_1k_224.pth`, repo ids, ...)."""
@@ -53,11 +63,10 @@ class Release:
         for suffix in (".pth", ".pt", ".bin", ".safetensors"):
             stem = stem.removesuffix(suffix)
         stem = stem.lower().replace("-", "_")
-        return stem in {
-            Path(self.source_file).stem,
-            self.remote_code_repo.split("/")[-1].lower(),
-            self.name.replace("-", "_"),
-        }
+        names = {Path(self.source_file).stem, self.name.replace("-", "_")}
+        if self.remote_code_repo:
+            names.add(self.remote_code_repo.split("/")[-1].lower())
+        return stem in names
 
 
 _IN1K = "ImageNet-1k (1.28M images), 300 epochs at 224x224"
@@ -191,12 +200,67 @@ RELEASES: tuple[Release, ...] = (
     ),
 )
 
-RELEASES_BY_NAME = {release.name: release for release in RELEASES}
+# FlashInternImage: the classification checkpoints of the OpenGVLab/DCNv4 README ("Released Models"); top-1 and
+# parameters as listed there (no FLOPs are listed). The L file name spells "internimage" without the underscore.
+_FLASH_IN1K = "ImageNet-1k (1.28M images) at 224x224"
+FLASH_RELEASES: tuple[Release, ...] = (
+    Release(
+        "flash-internimage-t-1k-224",
+        "flash_t",
+        "1k",
+        224,
+        "flash_intern_image_t_1k_224.pth",
+        None,
+        _FLASH_IN1K,
+        top1=83.6,
+        params="30M",
+        source_repo=FLASH_REPO,
+    ),
+    Release(
+        "flash-internimage-s-1k-224",
+        "flash_s",
+        "1k",
+        224,
+        "flash_intern_image_s_1k_224.pth",
+        None,
+        _FLASH_IN1K,
+        top1=84.4,
+        params="50M",
+        source_repo=FLASH_REPO,
+    ),
+    Release(
+        "flash-internimage-b-1k-224",
+        "flash_b",
+        "1k",
+        224,
+        "flash_intern_image_b_1k_224.pth",
+        None,
+        _FLASH_IN1K,
+        top1=84.9,
+        params="97M",
+        source_repo=FLASH_REPO,
+    ),
+    Release(
+        "flash-internimage-l-22kto1k-384",
+        "flash_l",
+        "1k",
+        384,
+        "flash_internimage_l_22kto1k_384.pth",
+        None,
+        "ImageNet-22k pretraining, then ImageNet-1k fine-tuning at 384x384",
+        top1=88.1,
+        params="223M",
+        source_repo=FLASH_REPO,
+        pretrained_22k=True,
+    ),
+)
+ALL_RELEASES: tuple[Release, ...] = RELEASES + FLASH_RELEASES
+RELEASES_BY_NAME = {release.name: release for release in ALL_RELEASES}
 
 
 def get_release(name: str) -> Release:
     """A release by name (`internimage-t-1k-224`; underscores and a `.pth` suffix are accepted too)."""
-    for release in RELEASES:
+    for release in ALL_RELEASES:
         if release.name == name or release.matches_source(name):
             return release
     raise ValueError(f"Unknown official release {name!r}; known: {', '.join(RELEASES_BY_NAME)}")
@@ -208,7 +272,7 @@ def find_release(variant: str | None, num_labels: int, source_name: str | None =
     A name that points at a release of another architecture or head is ignored (a renamed file must not borrow
     another model's figures); then the (variant, head) pair decides, which is unique among the releases.
     """
-    candidates = [r for r in RELEASES if r.variant == variant and r.num_labels == num_labels]
+    candidates = [r for r in ALL_RELEASES if r.variant == variant and r.num_labels == num_labels]
     if source_name:
         named = [r for r in candidates if r.matches_source(source_name)]
         if named:
@@ -221,13 +285,17 @@ MANIFEST_VERSION = 1
 
 
 def build_manifest(org: str = DEFAULT_ORG) -> dict:
-    """The publishing manifest for every official release (what `conversion/manifest.json` holds)."""
+    """The publishing manifest for every official release (what `conversion/manifest.json` holds). An entry whose
+    file lives in another Hub repo than the manifest's `source_repo` (FlashInternImage: OpenGVLab/DCNv4) names its
+    own `source_repo`."""
     entries = []
-    for release in RELEASES:
+    for release in ALL_RELEASES:
+        own_repo = {"source_repo": f"hf://{release.source_repo}"} if release.source_repo != OFFICIAL_REPO else {}
         entries.append(
             {
                 "name": release.name,
                 "source": release.source_file,
+                **own_repo,
                 "remote_code_repo": release.remote_code_repo,
                 "variant": release.variant,
                 "head": release.head,
@@ -273,6 +341,7 @@ class ManifestEntry:
     repo_id: str
     release: Release | None
     variant: str | None = None
+    source_repo: str | None = None  # the entry's own Hub repo (overrides the manifest's source_repo)
     official_config: Path | None = None
     expected: Path | None = None
     tolerance: float | None = None
@@ -297,12 +366,15 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
     def local(value):
         return None if value is None else (base_dir / value if not Path(value).is_absolute() else Path(value))
 
-    source_repo = data.get("source_repo")
-    if source_repo is not None:
+    def check_repo(source_repo, where: str):
         from .hub import is_repo_id
 
-        if not isinstance(source_repo, str) or not is_repo_id(source_repo.removeprefix("hf://")):
-            raise ValueError(f"{path}: source_repo {source_repo!r} is not a Hub repo id (hf://owner/name)")
+        if source_repo is not None and (
+            not isinstance(source_repo, str) or not is_repo_id(source_repo.removeprefix("hf://"))
+        ):
+            raise ValueError(f"{path}: {where}source_repo {source_repo!r} is not a Hub repo id (hf://owner/name)")
+
+    check_repo(data.get("source_repo"), "")
     entries, seen = [], set()
     for number, raw in enumerate(data["entries"], 1):
         if not isinstance(raw, dict) or "name" not in raw or not raw.get("source"):
@@ -315,6 +387,7 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
             )
         if not isinstance(raw["source"], str) or "\0" in raw["source"]:
             raise ValueError(f"{path}: entry {number}'s source {raw['source']!a} is not a path or hf:// reference")
+        check_repo(raw.get("source_repo"), f"entry {number}'s ")
         name = str(raw["name"])
         if name in seen:
             raise ValueError(f"{path}: two entries are named {name!r}")
@@ -342,6 +415,7 @@ def load_manifest(path: str | os.PathLike, org: str | None = None) -> tuple[dict
                 repo_id=repo_id,
                 release=release,
                 variant=raw.get("variant"),
+                source_repo=raw.get("source_repo"),
                 official_config=local(raw.get("official_config")),
                 expected=local(raw.get("expected")),
                 tolerance=raw.get("tolerance"),

@@ -6,7 +6,7 @@ no request made until a model is kernelized) and the CPU GEMM layers of `cpu_lay
 
 from . import cpu_layers, hub
 from .compiled import DCNv3KernelWarning
-from .dispatch import DCNv3Core, dcnv3_core, dcnv4_core, resolve_backend, use_reference
+from .dispatch import DCNv3Core, DCNv4Core, dcnv3_core, dcnv4_core, resolve_backend, use_reference
 from .loader import kernel_status
 from .reference import dcnv3_core_reference, dcnv3_output_size, dcnv4_core_reference, dcnv4_offset_mask_channels
 
@@ -16,6 +16,7 @@ cpu_layers.register()
 __all__ = [
     "DCNv3Core",
     "DCNv3KernelWarning",
+    "DCNv4Core",
     "dcnv3_core",
     "dcnv3_core_reference",
     "dcnv3_output_size",

@@ -256,6 +256,45 @@ class DCNv3Core(nn.Module):
         )
 
 
+class DCNv4Core(nn.Module):
+    """Stateless DCNv4 core: the unit a model layer calls (placeholder until the kernel branch's Hub-kernel layer
+    lands; it only forwards to `dcnv4_core`)."""
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offset_mask: torch.Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: int,
+    ) -> torch.Tensor:
+        return dcnv4_core(
+            input,
+            offset_mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+        )
+
+
 def use_reference(model: nn.Module) -> nn.Module:
     """Every `DCNv3Core` of `model` back on its class forward, the pure-PyTorch reference (what
     `from_pretrained(..., use_kernels=False)` does); returns `model`."""
