@@ -24,7 +24,7 @@ from transformers import AutoBackbone, AutoModelForImageClassification, pipeline
 
 from internimage_hf import InternImageConfig
 from internimage_hf.cli import main as cli_main
-from internimage_hf.modeling_internimage import InternImageDCNv4, fast_paths
+from internimage_hf.modeling_internimage import InternImageDCNv4
 from internimage_hf.utils import relative_error
 
 from . import test_modeling_internimage as _common
@@ -129,14 +129,13 @@ def test_backbone_stages_equal_the_classifier_hidden_states(converted, dtype):
         assert torch.equal(outputs[name], outputs[f"classifier_{name}"]), name
 
 
-def test_float64_without_fast_paths(converted):
-    """The plain-PyTorch path (fast paths off: no oneDNN linear or fused GELU) gives the same float64 parity."""
+def test_float64_plain_layers(converted):
+    """Without kernelization (`use_kernels=False`: plain PyTorch layers) the same float64 parity."""
     case, folder = converted
     expected = official_outputs(case)[1]
-    with fast_paths(False):
-        model = AutoModelForImageClassification.from_pretrained(folder).eval().to(torch.float64)
-        with torch.no_grad():
-            logits = model(expected["pixel_values"]).logits
+    model = AutoModelForImageClassification.from_pretrained(folder, use_kernels=False).eval().to(torch.float64)
+    with torch.no_grad():
+        logits = model(expected["pixel_values"]).logits
     assert relative_error(logits, expected["logits"]) < FLOAT64_TOLERANCE
 
 
