@@ -30,6 +30,9 @@ TOP1 = {
     "internimage-t": 83.5,
     "internimage-s": 84.2,
     "internimage-b": 84.9,
+    "flash-internimage-t": 83.6,
+    "flash-internimage-s": 84.4,
+    "flash-internimage-b": 84.9,
     "convnext-t": 82.1,
     "convnext-s": 83.1,
     "convnext-b": 83.8,
@@ -55,21 +58,35 @@ def with_trained_like_sampling(model: torch.nn.Module) -> torch.nn.Module:
                 for linear, spread in ((module.offset, 2.0), (module.mask, 1.0)):  # offsets: mean |d| ~1 px
                     fan_in = linear.weight.shape[1]
                     linear.weight.copy_(spread * torch.randn(linear.weight.shape, generator=generator) / fan_in**0.5)
+            elif type(module).__name__ == "InternImageDCNv4":  # one packed Linear: per group 2P offsets, P weights
+                weight = module.offset_mask.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+                per_group = weight[: module.groups * module.points * 3].view(module.groups, 3 * module.points, -1)
+                per_group[:, : 2 * module.points].mul_(2.0)  # offsets: mean |d| ~1 px, as for DCNv3
     return model
 
 
 def build_model(name: str, tiny: bool = False) -> torch.nn.Module:
     """Randomly initialised classifier (no download). `tiny` shrinks every family for smoke tests."""
     family, size = name.rsplit("-", 1)
-    if family == "internimage":
+    if family in ("internimage", "flash-internimage"):
         import internimage_hf
 
+        flash = family == "flash-internimage"
         if tiny:
             config = internimage_hf.InternImageConfig(
                 channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=1000
             )
+            if flash:  # DCNv4 keeps 16 channels per group
+                config = internimage_hf.InternImageConfig.from_preset(
+                    "flash_t", channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=1000
+                )
         else:
-            config = internimage_hf.InternImageConfig.from_variant(size, num_labels=1000)
+            config = (
+                internimage_hf.InternImageConfig.from_preset("flash_" + size, num_labels=1000)
+                if flash
+                else internimage_hf.InternImageConfig.from_variant(size, num_labels=1000)
+            )
         return with_trained_like_sampling(internimage_hf.InternImageForImageClassification(config))
     if family == "convnext":
         from transformers import ConvNextConfig, ConvNextForImageClassification
@@ -253,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write a throughput-vs-top-1 PNG here")
     args = p.parse_args(argv)
     if args.quick:
-        args.models = args.models or ["internimage-t", "convnext-t", "swin-t"]
+        args.models = args.models or ["internimage-t", "flash-internimage-t", "convnext-t", "swin-t"]
         args.dtype = args.dtype or ["float32"]
         args.warmup = min(args.warmup, 1)
     if args.models is None:
@@ -288,7 +305,7 @@ def build_cases(args, device) -> list[Case]:
     cases = []
     train_batch = args.train_batch or max(args.batch)
     for name in args.models:
-        impls = args.impls if name.startswith("internimage") else ["-"]
+        impls = args.impls if "internimage" in name else ["-"]
         unknown = set(impls) - {"compiled", "reference", "official", "free-op", "-"}
         if unknown:
             raise SystemExit(f"unknown --impls {sorted(unknown)}")
@@ -299,7 +316,7 @@ def build_cases(args, device) -> list[Case]:
                     for dtype in args.dtype:
                         module = build_model(name, tiny=args.tiny).to(device)
                         module.train(mode == "train")
-                        if name.startswith("internimage"):
+                        if "internimage" in name:
                             prepare_internimage(module, impl, mode, device)
                         g = torch.Generator().manual_seed(0)
                         inputs = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
