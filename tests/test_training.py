@@ -97,6 +97,24 @@ def test_layer_decay_groups_lrs_weight_decay_and_dcn_multiplier():
     torch.optim.AdamW(groups)
 
 
+def test_dcn_multiplier_reaches_dcnv4_offset_mask_as_in_the_official_recipe():
+    """FlashInternImage: the official optimizer multiplies every parameter whose name holds "offset" (offset_mask and
+    the depthwise conv before it), nothing else of the DCNv4 layer."""
+    from internimage_hf import InternImageConfig, InternImageForImageClassification
+
+    config = InternImageConfig.from_preset(
+        "flash_s", channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], num_labels=3
+    )
+    model = InternImageForImageClassification(config)
+    groups = layer_decay_param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=1.0, dcn_lr_mul=0.1)
+    scales = lr_scales(groups)
+    layer = "internimage.encoder.levels.1.layers.0.dcn"
+    for name in ("offset_mask.weight", "offset_mask.bias", "offset_mask_dw.weight", "offset_mask_dw.bias"):
+        assert scales[f"{layer}.{name}"] == pytest.approx(0.1), name
+    for name in ("value_proj.weight", "output_proj.weight"):
+        assert scales[f"{layer}.{name}"] == pytest.approx(1.0), name
+
+
 def test_layer_decay_post_norms_follow_their_block():
     config = InternImageConfig(
         channels=16,

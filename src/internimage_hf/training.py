@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .modeling_internimage import InternImageDCNv3, InternImageEmbeddings, InternImageEncoder
+from .modeling_internimage import InternImageDCNv3, InternImageDCNv4, InternImageEmbeddings, InternImageEncoder
 
 
 def _trunk_depth_ids(model: nn.Module) -> dict[int, int]:
@@ -66,13 +66,19 @@ def parameter_depth_ids(model: nn.Module) -> dict[str, int]:
 
 
 def _dcn_lr_mul_ids(model: nn.Module) -> set[int]:
-    """Parameters the official recipe multiplies by `dcn_lr_mul`: DCNv3 offset predictors and H/G centre gates."""
+    """Parameters the official recipes multiply by `dcn_lr_mul` (names containing "offset" or the centre gate's):
+    DCNv3 offset predictors and H/G centre gates; DCNv4's offset_mask Linear and the depthwise conv before it."""
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, InternImageDCNv3):
-            for sub in (module.offset, module.center_feature_scale_proj):
-                if sub is not None:
-                    ids.update(id(p) for p in sub.parameters())
+            subs = (module.offset, module.center_feature_scale_proj)
+        elif isinstance(module, InternImageDCNv4):
+            subs = (module.offset_mask, module.offset_mask_dw)
+        else:
+            continue
+        for sub in subs:
+            if sub is not None:
+                ids.update(id(p) for p in sub.parameters())
     return ids
 
 
