@@ -140,6 +140,10 @@ DCNV3_HD T pixel_base(int64_t o, int tap, int kernel, int stride, int pad, int d
   return start + static_cast<T>(tap * dilation) * s;
 }
 
+// DCNv4's offset_scale: rounded to float32 everywhere (table and learned offsets), as the official kernel takes a
+// C++ float. (DCNv3 uses it unrounded on the offsets, as its reference does.)
+DCNV3_HD double dcnv4_offset_scale(double offset_scale) { return static_cast<double>(static_cast<float>(offset_scale)); }
+
 // DCNv4: sampling coordinate in pixels of the unpadded image: base + offset * s (d / d offset = offset_scale, as for
 // DCNv3's padded_coord). The kernels locate it with zero padding.
 template <typename T>

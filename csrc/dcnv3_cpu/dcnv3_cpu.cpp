@@ -515,7 +515,7 @@ at::Tensor dcnv4_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
   if (output.numel() == 0) return output;
   const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                          pad_w,    dilation_h, dilation_w, offset_scale, remove_center != 0};
+                          pad_w,    dilation_h, dilation_w, dcnv4_offset_scale(offset_scale), remove_center != 0};
   cpu::forward_any<true>(input.scalar_type(), s, geo, false, cpu::packed_layout(s, offset_mask.size(3)), input,
                          offset_mask, offset_mask, 2 * s.P, output);
   return output;
@@ -539,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_out
   at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
   if (grad_output.numel() == 0) return {grad_input, grad_offset_mask};
   const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                          pad_w,    dilation_h, dilation_w, offset_scale, remove_center != 0};
+                          pad_w,    dilation_h, dilation_w, dcnv4_offset_scale(offset_scale), remove_center != 0};
   cpu::backward_any<true>(input.scalar_type(), s, geo, false, cpu::packed_layout(s, offset_mask.size(3)),
                           grad_output, input, offset_mask, offset_mask, 2 * s.P, grad_input, grad_offset_mask,
                           grad_offset_mask);
