@@ -64,6 +64,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
 #if defined(CUDA_KERNEL) || defined(DCNV3_WITH_CUDA)
   ops.impl("dcnv3_forward", c10::DeviceType::CUDA, &dcnv3_forward_cuda);
   ops.impl("dcnv3_backward", c10::DeviceType::CUDA, &dcnv3_backward_cuda);
+  ops.impl("dcnv4_forward", c10::DeviceType::CUDA, &dcnv4_forward_cuda);
+  ops.impl("dcnv4_backward", c10::DeviceType::CUDA, &dcnv4_backward_cuda);
 #endif
 }
 
