@@ -292,6 +292,15 @@ def test_dispatcher_backends(use_kernel, monkeypatch):
     assert len(calls) == 3
 
 
+def test_exporting_uses_the_reference(use_kernel, monkeypatch):
+    """torch.export / ONNX export see the reference's standard ops, never the custom op."""
+    x, om, args = make_case(dtype=torch.float32)
+    op = loader.get_compiled_op(required=True)
+    monkeypatch.setattr(op, "dcnv4", lambda *a: pytest.fail("the compiled op ran while exporting"))
+    monkeypatch.setattr("internimage_hf.ops.dispatch._exporting", lambda: True)
+    assert torch.equal(dcnv4_core(x, om, *args), dcnv4_core_reference(x, om, *args))
+
+
 def test_build_without_dcnv4_uses_the_reference(use_kernel, monkeypatch):
     """A kernel package built before DCNv4 (no "dcnv4" feature): auto -> the reference after one warning; compiled
     -> an error that says to rebuild. DCNv3 keeps its compiled path."""
