@@ -8,8 +8,13 @@ alike; the table reports medians and the ratios measured in this one run, plus t
 bandwidth against the bytes the op must move (read input, offset, mask; write output; backward also reads
 grad_output and writes the three gradients).
 
+Then DCNv4 against DCNv3, both compiled, at the InternImage-T levels: DCNv3 as the model runs it (mask logits,
+softmax fused into the op) against DCNv4 on its packed offset_mask (padded to a multiple of 8 channels, as the
+official Linear makes it), forward and forward+backward, interleaved the same way (--no-dcnv4 skips it).
+
     python bench/bench_dcnv3.py                    # needs `internimage-hf build-kernels` first (or --build)
     python bench/bench_dcnv3.py --dtype bfloat16 --threads 1 --json out.json
+    python bench/bench_dcnv3.py --only-dcnv4 --batch 1 8
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a source checkout without install
 
-from internimage_hf.ops import dcnv3_core_reference  # noqa: E402
+from internimage_hf.ops import dcnv3_core_reference, dcnv4_offset_mask_channels  # noqa: E402
 
 SHAPES = [  # (label, H=W, C, G)
     ("T level 1", 56, 64, 4),
@@ -132,6 +137,107 @@ def measure(op, shape, n, dtype, device, repeats, min_time):
     }
 
 
+def make_v4_inputs(n, size, channels, groups, dtype, device, seed=0):
+    """DCNv3 inputs as the model feeds them (mask logits) and the same offsets and weights packed for DCNv4."""
+    g = torch.Generator().manual_seed(seed)
+    points = 9
+    x = torch.randn(n, size, size, channels, generator=g)
+    offset = 2.0 * torch.randn(n, size, size, groups, points * 2, generator=g)
+    logits = torch.randn(n, size, size, groups, points, generator=g)
+    packed = torch.cat([offset, logits.softmax(-1)], -1).flatten(-2)
+    pad = dcnv4_offset_mask_channels(groups, points) - packed.shape[-1]
+    offset_mask = torch.nn.functional.pad(packed, (0, pad))
+    grad = torch.randn(n, size, size, channels, generator=g)
+    args = (3, 3, 1, 1, 1, 1, 1, 1, groups, channels // groups, 1.0, 0)
+    tensors = (x, offset.flatten(-2), logits.flatten(-2), offset_mask, grad)
+    return [t.to(device=device, dtype=dtype) for t in tensors], args
+
+
+def v4_candidates(op, inputs, args):
+    x, offset, logits, offset_mask, grad = inputs
+
+    def v3(*tensors):
+        return op(*tensors, *args, True)  # mask_softmax: the fused softmax, as InternImage's layers call it
+
+    def v4(*tensors):
+        return op.dcnv4(*tensors, *args)
+
+    def forward(fn, tensors):
+        def run():
+            with torch.no_grad():
+                fn(*tensors)
+
+        return run
+
+    def forward_backward(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).backward(grad)
+
+        return run
+
+    return {
+        "v3 fwd": forward(v3, (x, offset, logits)),
+        "v4 fwd": forward(v4, (x, offset_mask)),
+        "v3 fwd+bwd": forward_backward(v3, (x, offset, logits)),
+        "v4 fwd+bwd": forward_backward(v4, (x, offset_mask)),
+    }
+
+
+def measure_v4(op, shape, n, dtype, device, repeats, min_time):
+    label, size, channels, groups = shape
+    inputs, args = make_v4_inputs(n, size, channels, groups, dtype, device)
+    runs = v4_candidates(op, inputs, args)
+    for run in runs.values():
+        run()
+        run()
+    times = {name: [] for name in runs}
+    start = time.perf_counter()
+    r = 0
+    while r < repeats or (time.perf_counter() - start < min_time and r < 20 * repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run, device))
+        r += 1
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "shape": label,
+        "size": size,
+        "channels": channels,
+        "groups": groups,
+        "batch": n,
+        "repeats": r,
+        **{f"{k} ms": v * 1e3 for k, v in med.items()},
+        "fwd ratio": med["v3 fwd"] / med["v4 fwd"],
+        "fwd+bwd ratio": med["v3 fwd+bwd"] / med["v4 fwd+bwd"],
+    }
+
+
+def v4_table(rows):
+    head = (
+        "| shape | N | DCNv3 fwd ms | DCNv4 fwd ms | fwd v3/v4 | DCNv3 fwd+bwd ms | DCNv4 fwd+bwd ms | fwd+bwd v3/v4 |"
+    )
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} ({r['size']}², C{r['channels']}, G{r['groups']}) | {r['batch']} | {r['v3 fwd ms']:.3f} | "
+            f"{r['v4 fwd ms']:.3f} | {r['fwd ratio']:.2f} | {r['v3 fwd+bwd ms']:.3f} | {r['v4 fwd+bwd ms']:.3f} | "
+            f"{r['fwd+bwd ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def describe_cpu() -> str:
+    try:
+        from throughput import cpu_description  # bench/throughput.py (this script's folder is on sys.path)
+
+        return cpu_description()
+    except Exception:  # run from elsewhere, or throughput's imports missing
+        return platform.processor() or platform.machine()
+
+
 def table(rows):
     head = (
         "| shape | N | ref fwd ms | compiled fwd ms | fwd × | ref fwd+bwd ms | compiled fwd+bwd ms | fwd+bwd × | "
@@ -163,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 1, 3 repeats (smoke test)")
     parser.add_argument("--build", action="store_true", help="build the kernel first if it is missing")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--no-dcnv4", action="store_true", help="skip the DCNv4 vs DCNv3 comparison")
+    parser.add_argument("--only-dcnv4", action="store_true", help="only the DCNv4 vs DCNv3 comparison")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,23 +296,42 @@ def main(argv=None) -> int:
         )
         return 1
 
+    cpu = describe_cpu() if device.type == "cpu" else torch.cuda.get_device_name(device)
     rows = []
-    for n in args.batch:
-        for shape in SHAPES:
-            rows.append(measure(op, shape, n, dtype, device, args.repeats, args.min_time))
-            print(f"  measured {shape[0]} N={n}", file=sys.stderr, flush=True)
-    cpu = platform.processor() or platform.machine()
-    print(
-        f"DCNv3 core, {args.dtype} on {device} ({cpu}, {torch.get_num_threads()} threads), torch "
-        f"{torch.__version__}, kernel: {op.source}\n"
-    )
-    print(table(rows))
-    t_rows = [r for r in rows if r["shape"].startswith("T ")]
-    print(
-        f"\nInternImage-T levels, geometric mean: forward {geomean([r['fwd speed-up'] for r in t_rows]):.1f}×, "
-        f"forward+backward {geomean([r['fwd+bwd speed-up'] for r in t_rows]):.1f}× "
-        f"(minimum {min(r['fwd speed-up'] for r in t_rows):.1f}× / {min(r['fwd+bwd speed-up'] for r in t_rows):.1f}×)"
-    )
+    if not args.only_dcnv4:
+        for n in args.batch:
+            for shape in SHAPES:
+                rows.append(measure(op, shape, n, dtype, device, args.repeats, args.min_time))
+                print(f"  measured {shape[0]} N={n}", file=sys.stderr, flush=True)
+        print(
+            f"DCNv3 core, {args.dtype} on {device} ({cpu}, {torch.get_num_threads()} threads), torch "
+            f"{torch.__version__}, kernel: {op.source}\n"
+        )
+        print(table(rows))
+        t_rows = [r for r in rows if r["shape"].startswith("T ")]
+        print(
+            f"\nInternImage-T levels, geometric mean: forward {geomean([r['fwd speed-up'] for r in t_rows]):.1f}×, "
+            f"forward+backward {geomean([r['fwd+bwd speed-up'] for r in t_rows]):.1f}× (minimum "
+            f"{min(r['fwd speed-up'] for r in t_rows):.1f}× / {min(r['fwd+bwd speed-up'] for r in t_rows):.1f}×)"
+        )
+    v4_rows = []
+    if not args.no_dcnv4 and op.has_dcnv4 and op.supports_dcnv4(probe):
+        for n in args.batch:
+            for shape in SHAPES:
+                if shape[0].startswith("T "):
+                    v4_rows.append(measure_v4(op, shape, n, dtype, device, args.repeats, args.min_time))
+                    print(f"  measured DCNv4 vs DCNv3 {shape[0]} N={n}", file=sys.stderr, flush=True)
+        print(
+            f"\nDCNv4 vs DCNv3 (fused softmax), both compiled, {args.dtype} on {device} ({cpu}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}, kernel: {op.source}\n"
+        )
+        print(v4_table(v4_rows))
+        print(
+            f"\nDCNv3 time / DCNv4 time, geometric mean over the rows: forward "
+            f"{geomean([r['fwd ratio'] for r in v4_rows]):.2f}×, forward+backward "
+            f"{geomean([r['fwd+bwd ratio'] for r in v4_rows]):.2f}× (minimum "
+            f"{min(r['fwd ratio'] for r in v4_rows):.2f}× / {min(r['fwd+bwd ratio'] for r in v4_rows):.2f}×)"
+        )
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -214,7 +341,9 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "kernel": op.source,
+                    "cpu": cpu,
                     "rows": rows,
+                    "dcnv4_rows": v4_rows,
                 },
                 indent=2,
             )

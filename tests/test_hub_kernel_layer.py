@@ -1,6 +1,7 @@
-"""DCNv3 as a Hub-kernel layer (`ops/hub.py`): `DCNv3Core` is decorated with `use_kernel_forward_from_hub`, its
-mapping (cpu, cuda) is registered on import, and `from_pretrained(use_kernels=...)` / `kernels.kernelize` swap the
-compiled layer in (or keep the reference). Every kernel fault degrades to the reference with one warning."""
+"""DCNv3 and DCNv4 as Hub-kernel layers (`ops/hub.py`): `DCNv3Core` (and `DCNv4Core`, at the end) is decorated with
+`use_kernel_forward_from_hub`, its mapping (cpu, cuda) is registered on import, and `from_pretrained(use_kernels=...)`
+/ `kernels.kernelize` swap the compiled layer in (or keep the reference). Every kernel fault degrades to the
+reference with one warning."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import torch
 import transformers
 
 import internimage_hf
-from internimage_hf.ops import DCNv3Core, DCNv3KernelWarning, hub, loader, use_reference
-from internimage_hf.ops.hub import REPOSITORIES, ReferenceDCNv3Core
+from internimage_hf.ops import (
+    DCNv3Core,
+    DCNv3KernelWarning,
+    DCNv4Core,
+    dcnv4_core_reference,
+    hub,
+    loader,
+    use_reference,
+)
+from internimage_hf.ops.hub import DCNV4_REPOSITORIES, REPOSITORIES, ReferenceDCNv3Core, ReferenceDCNv4Core
 
 from .conftest import REPO, rel_err
 from .test_kernels import _break
@@ -67,7 +76,7 @@ def _kind(model) -> str:
         elif forward.__func__ is DCNv3Core._dispatch_forward:
             kinds.add("dispatch")
         else:
-            assert forward.__func__.__qualname__.startswith("guarded_layer.<locals>.DCNv3CoreKernel"), forward
+            assert forward.__func__.__qualname__ == "guarded_layer.<locals>.forward", forward
             kinds.add("kernel")
     assert len(kinds) == 1, kinds
     return kinds.pop()
@@ -101,7 +110,7 @@ def local_build(kernel_dir, monkeypatch):
 def test_layer_is_decorated_and_mapped_for_cpu_and_cuda():
     assert DCNv3Core.kernel_layer_name == "DCNv3Core"
     mapping = hub.kernel_mapping()["DCNv3Core"]
-    assert set(mapping) == {"cpu", "cuda"} and all(isinstance(r, hub.DCNv3LayerRepository) for r in mapping.values())
+    assert set(mapping) == {"cpu", "cuda"} and all(isinstance(r, hub.CoreLayerRepository) for r in mapping.values())
     registry = getattr(sys.modules[kernels.LocalLayerRepository.__module__], "_KERNEL_MAPPING", None)
     if registry is None:
         pytest.skip("kernels' global mapping moved (private API)")
@@ -388,3 +397,101 @@ def test_configured_hub_repo_offline_or_unreachable_in_a_fresh_process(saved, tm
         [sys.executable, "-c", script, str(saved[0])], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ DCNv4Core
+class _V4Block(torch.nn.Module):
+    """The smallest model around a DCNv4Core: what kernelize walks."""
+
+    def __init__(self):
+        super().__init__()
+        self.core = DCNv4Core()
+
+    def forward(self, x, offset_mask, *args):
+        return self.core(x, offset_mask, *args)
+
+
+def _v4_case(dtype=torch.float64):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 6, 2 * 8, generator=g, dtype=dtype)
+    om = torch.randn(2, 7, 6, 56, generator=g, dtype=dtype) * 2  # G * 3P = 54, padded to 56
+    return x, om, (3, 3, 1, 1, 1, 1, 1, 1, 2, 8, 1.0, 0)
+
+
+def _v4_kind(block) -> str:
+    forward = block.core.__dict__.get("forward")
+    if forward is None or forward.__func__ is DCNv4Core.forward:
+        return "reference"
+    if forward.__func__ is ReferenceDCNv4Core.forward:
+        return "reference-layer"
+    if forward.__func__ is DCNv4Core._dispatch_forward:
+        return "dispatch"
+    assert forward.__func__.__qualname__ == "guarded_layer.<locals>.forward", forward
+    return "kernel"
+
+
+def test_dcnv4_layer_is_decorated_and_mapped_for_cpu_and_cuda():
+    assert DCNv4Core.kernel_layer_name == "DCNv4Core"
+    mapping = hub.kernel_mapping()["DCNv4Core"]
+    assert set(mapping) == {"cpu", "cuda"} and all(r.layer_name == "DCNv4Core" for r in mapping.values())
+    registry = getattr(sys.modules[kernels.LocalLayerRepository.__module__], "_KERNEL_MAPPING", None)
+    if registry is None:
+        pytest.skip("kernels' global mapping moved (private API)")
+    assert {"cpu", "cuda"} <= set(registry.get()["DCNv4Core"])
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_kernelize_swaps_dcnv4core_for_the_local_build(local_build, mode):
+    block = _V4Block()
+    assert _v4_kind(block) == "dispatch"
+    kernel_mode = kernels.Mode.INFERENCE if mode == "inference" else kernels.Mode.TRAINING
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kernels.kernelize(block, device="cpu", mode=kernel_mode)
+    assert not _ours(record)
+    assert _v4_kind(block) == "kernel" and DCNV4_REPOSITORIES["cpu"].source.startswith("local build")
+    x, om, args = _v4_case()
+    x.requires_grad_()
+    om.requires_grad_()
+    out = block(x, om, *args)
+    grads = torch.autograd.grad(out.square().sum(), (x, om))
+    x_r, om_r = x.detach().requires_grad_(), om.detach().requires_grad_()
+    ref = dcnv4_core_reference(x_r, om_r, *args)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (x_r, om_r))
+    assert rel_err(out, ref) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, grads_ref))
+    # float16 on the CPU is not in the build: the guarded layer runs the reference
+    assert block(x.detach().half(), om.detach().half(), *args).dtype == torch.float16
+    assert _v4_kind(use_reference(block)) == "reference"
+
+
+def test_dcnv4_kernels_fault_degrades_with_one_warning(local_build, monkeypatch):
+    monkeypatch.setattr(kernels.LocalLayerRepository, "load", _raiser(LOCAL_FAULTS["bad-library"]))
+    block = _V4Block()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):  # decided once
+            kernels.kernelize(block, device="cpu", mode=kernels.Mode.INFERENCE)
+    ours = _ours(record)
+    assert len(ours) == 1 and "DCNv4 layers" in ours[0] and "invalid ELF header" in ours[0], ours
+    assert _v4_kind(block) == "reference-layer"
+    x, om, args = _v4_case()
+    assert torch.equal(block(x, om, *args), dcnv4_core_reference(x, om, *args))
+
+
+def test_dcnv4_kernel_package_without_the_op_degrades_with_one_warning(local_build, monkeypatch):
+    """A build made before DCNv4 has no DCNv4 op: the DCNv4Core mapping degrades, DCNv3Core keeps the kernel."""
+    import dataclasses
+
+    old = dataclasses.replace(hub.CORE_LAYERS["DCNv4Core"], available=lambda op: False)
+    monkeypatch.setitem(hub.CORE_LAYERS, "DCNv4Core", old)
+    block = _V4Block()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kernels.kernelize(block, device="cpu", mode=kernels.Mode.INFERENCE)
+    ours = _ours(record)
+    assert len(ours) == 1 and "has no DCNv4Core op" in ours[0], ours
+    assert _v4_kind(block) == "reference-layer"
+    model = _model()
+    kernels.kernelize(model, device="cpu", mode=kernels.Mode.INFERENCE)
+    assert _kind(model) == "kernel"

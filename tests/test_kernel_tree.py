@@ -485,14 +485,15 @@ def test_local_build_metadata_comes_from_build_toml(config, kernel_dir):
 LAYERS_PY = CSRC / "torch-ext" / build.PACKAGE_NAME / "layers.py"
 
 
-def test_layers_py_defines_a_stateless_layer_without_importing_it():
+@pytest.mark.parametrize("name", ["DCNv3Core", "DCNv4Core"])
+def test_layers_py_defines_a_stateless_layer_without_importing_it(name):
     """What kernels' `_validate_layer` demands, read from the source: an nn.Module subclass with no `__init__` and no
     members besides `forward`, `has_backward` and `can_torch_compile` (both True: the op has an autograd formula
     and a fake implementation)."""
     tree = ast.parse(LAYERS_PY.read_text(encoding="utf-8"))
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
-    assert [c.name for c in classes] == ["DCNv3Core"]
-    (cls,) = classes
+    assert [c.name for c in classes] == ["DCNv3Core", "DCNv4Core"]
+    cls = next(c for c in classes if c.name == name)
     assert [ast.unparse(b) for b in cls.bases] == ["nn.Module"]
     members = {}
     for node in cls.body:
@@ -504,40 +505,53 @@ def test_layers_py_defines_a_stateless_layer_without_importing_it():
         elif isinstance(node, ast.FunctionDef):
             members[node.name] = "function"
         else:
-            raise AssertionError(f"unexpected statement in DCNv3Core: {ast.unparse(node)}")
+            raise AssertionError(f"unexpected statement in {name}: {ast.unparse(node)}")
     assert members == {"has_backward": True, "can_torch_compile": True, "forward": "function"}
     forward = next(n for n in cls.body if isinstance(n, ast.FunctionDef))
-    from internimage_hf.ops import DCNv3Core
+    import internimage_hf.ops
 
-    assert [a.arg for a in forward.args.args] == list(inspect.signature(DCNv3Core.forward).parameters)
+    ours = getattr(internimage_hf.ops, name)
+    assert [a.arg for a in forward.args.args] == list(inspect.signature(ours.forward).parameters)
 
 
-def test_kernels_validates_the_built_layer_against_the_models_layer(kernel):
+@pytest.mark.parametrize("name", ["DCNv3Core", "DCNv4Core"])
+def test_kernels_validates_the_built_layer_against_the_models_layer(kernel, name):
     """kernels' own check, as `kernelize` runs it on the layer it loads (private API; skipped if it moved)."""
     try:
         from kernels._internals.layer.layer import _validate_layer
     except ImportError:
         pytest.skip("kernels' layer validation is not where this test expects it")
-    from internimage_hf.ops import DCNv3Core
+    import internimage_hf.ops
+    from internimage_hf.ops import hub
 
-    _validate_layer(check_cls=DCNv3Core, cls=kernel.layers.DCNv3Core, repo="local build")
-    assert kernel.layers.DCNv3Core.has_backward is True and kernel.layers.DCNv3Core.can_torch_compile is True
+    built = getattr(kernel.layers, name)
+    _validate_layer(check_cls=getattr(internimage_hf.ops, name), cls=built, repo="local build")
+    assert built.has_backward is True and built.can_torch_compile is True
+    # ... and the reference layer hub.py falls back to, whose forward takes *args with the layer's signature
+    _validate_layer(check_cls=getattr(internimage_hf.ops, name), cls=hub.REFERENCE_LAYERS[name], repo="reference")
 
 
 # ------------------------------------------------------------------------------------------------ the entry points
 @pytest.mark.parametrize(("path", "device"), [("dcnv3_cpu/dcnv3_cpu.cpp", "cpu"), ("dcnv3_cuda/dcnv3_cuda.cu", "cuda")])
-def test_cpu_and_cuda_entry_points_share_their_argument_checks(path, device):
+@pytest.mark.parametrize(
+    ("version", "check", "grad_check"),
+    [
+        ("dcnv3", "check_args(input_, offset_, mask_,", "check_grad_output(grad_output_, input_, s);"),
+        ("dcnv4", "check_args_v4(input_, offset_mask_,", 'check_grad_output(grad_output_, input_, s, "DCNv4");'),
+    ],
+)
+def test_cpu_and_cuda_entry_points_share_their_argument_checks(path, device, version, check, grad_check):
     """Both backends validate arguments with the same code (dcnv3_common/dcnv3_args.h), first thing in each entry
     point, so a call the CPU op refuses is refused by the CUDA op too (CUDA is only compile-checked here)."""
     text = (CSRC / path).read_text(encoding="utf-8")
     assert '#include "dcnv3_common/dcnv3_args.h"' in text
     for op in ("forward", "backward"):
-        match = re.search(rf"^\S.*\bdcnv3_{op}_{device}\([^{{]*\{{\n(.*?)^\}}", text, re.S | re.M)
-        assert match, f"dcnv3_{op}_{device} not found in {path}"
+        match = re.search(rf"^\S.*\b{version}_{op}_{device}\([^{{]*\{{\n(.*?)^\}}", text, re.S | re.M)
+        assert match, f"{version}_{op}_{device} not found in {path}"
         statements = [line.strip() for line in match.group(1).splitlines() if line.strip()]
-        assert statements[0].startswith("const Shape s = check_args(input_, offset_, mask_,"), statements[0]
+        assert statements[0].startswith(f"const Shape s = {check}"), statements[0]
         if op == "backward":
-            assert any(line.startswith("check_grad_output(grad_output_, input_, s);") for line in statements[:6])
+            assert any(line.startswith(grad_check) for line in statements[:6])
 
 
 def test_cuda_build_compiles_what_build_toml_lists(config, monkeypatch, tmp_path):

@@ -120,11 +120,35 @@ DCNV3_HD float sampling_base(int64_t o, int tap, int kernel, int stride, int dil
 // The last step is one fused multiply-add, rounded once, as torch's vectorised CPU grid_sample computes it: when a
 // sample sits exactly on a pixel row or column (zero offsets, offsets that are whole pixels in bfloat16) the kink of
 // the bilinear interpolation then falls on the same side as in the reference, and so do the gradients.
-template <typename T>
-DCNV3_HD T padded_coord(float base, T offset, T offset_scale, T padded_size) {
+// (base may come in a wider type that holds the float32 value exactly: the CPU kernel keeps its tables in T.)
+template <typename T, typename B>
+DCNV3_HD T padded_coord(B base, T offset, T offset_scale, T padded_size) {
   const T loc = static_cast<T>(base) + offset * offset_scale / padded_size;
   const T grid = loc * T(2) - T(1);
   return fma_t(grid + T(1), padded_size * T(0.5), T(-0.5));
+}
+
+// DCNv4: the fixed part of a sampling location along one axis, in pixels of the unpadded image (pixel centres at
+// integers), formed in the compute type T like the official DCNv4 kernel does (not in DCNv3's float32 grid):
+//   base = (o * stride + e - pad - e * s) + tap * dilation * s,   e = (dilation * (kernel - 1)) >> 1,
+// s = offset_scale rounded to float32 (the official kernel takes a C++ float).
+template <typename T>
+DCNV3_HD T pixel_base(int64_t o, int tap, int kernel, int stride, int pad, int dilation, float offset_scale) {
+  const int e = (dilation * (kernel - 1)) >> 1;
+  const T s = static_cast<T>(offset_scale);
+  const T start = static_cast<T>(o * stride + e - pad) - static_cast<T>(e) * s;
+  return start + static_cast<T>(tap * dilation) * s;
+}
+
+// DCNv4's offset_scale: rounded to float32 everywhere (table and learned offsets), as the official kernel takes a
+// C++ float. (DCNv3 uses it unrounded on the offsets, as its reference does.)
+DCNV3_HD double dcnv4_offset_scale(double offset_scale) { return static_cast<double>(static_cast<float>(offset_scale)); }
+
+// DCNv4: sampling coordinate in pixels of the unpadded image: base + offset * s (d / d offset = offset_scale, as for
+// DCNv3's padded_coord). The kernels locate it with zero padding.
+template <typename T>
+DCNV3_HD T pixel_coord(T base, T offset, T offset_scale) {
+  return fma_t(offset, offset_scale, base);
 }
 
 // The 2x2 neighbourhood of a sampling point. Corner k: x = x0 + (k & 1), y = y0 + (k >> 1), in unpadded input

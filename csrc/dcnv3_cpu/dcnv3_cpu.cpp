@@ -51,39 +51,41 @@ namespace {
 #endif
 
 template <typename S>
-using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, acc_t<S>*,
+using ForwardFn = void (*)(const Problem&, const S*, const S*, const S*, S*, acc_t<S>*, acc_t<S>*, S*,
                            const Points<acc_t<S>>&, int64_t, int64_t);
 template <typename S>
 using BackwardFn = void (*)(const Problem&, const S*, const S*, const S*, const S*, acc_t<S>*, S*, S*,
                             const RunScratch<S>&, int64_t, int64_t, int64_t, int64_t);
 
+// kPixel: DCNv4's coordinates (see locate_points); the DCNv3 instantiations (kPixel = false) are the kernels as before.
 #define DCNV3_DEFINE_VARIANT(NS, TARGET, VB)                                                                      \
   namespace NS {                                                                                                \
-  template <typename S, int CG>                                                                                 \
+  template <typename S, int CG, bool kPixel>                                                                    \
   TARGET DCNV3_NOINLINE void forward(const Problem& pb, const S* input, const S* offset, const S* mask,        \
-                                     S* output, acc_t<S>* scratch, acc_t<S>* probs,                             \
+                                     S* output, acc_t<S>* scratch, acc_t<S>* probs, S* gathered,                \
                                      const Points<acc_t<S>>& pts, int64_t begin, int64_t end) {                 \
-    forward_pixels<S, CG, VB>(pb, input, offset, mask, output, scratch, probs, pts, begin, end);                \
+    forward_pixels<S, CG, VB, kPixel>(pb, input, offset, mask, output, scratch, probs, gathered, pts, begin,     \
+                                      end);                                                                     \
   }                                                                                                             \
-  template <typename S, int CG>                                                                                 \
+  template <typename S, int CG, bool kPixel>                                                                    \
   TARGET DCNV3_NOINLINE void backward(const Problem& pb, const S* grad_output, const S* input, const S* offset, \
                                       const S* mask, acc_t<S>* grad_input, S* grad_offset, S* grad_mask,        \
                                       const RunScratch<S>& rs, int64_t n, int64_t g, int64_t begin,             \
                                       int64_t end) {                                                            \
-    backward_task<S, CG, VB>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask, rs, n, g,\
-                         begin, end);                                                                           \
+    backward_task<S, CG, VB, kPixel>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask,  \
+                                     rs, n, g, begin, end);                                                     \
   }                                                                                                             \
-  template <typename S>                                                                                         \
+  template <typename S, bool kPixel>                                                                            \
   ForwardFn<S> pick_forward(int64_t cg) {                                                                       \
-    if (cg == 16) return &forward<S, 16>;                                                                       \
-    if (cg == 32) return &forward<S, 32>;                                                                       \
-    return &forward<S, 0>;                                                                                      \
+    if (cg == 16) return &forward<S, 16, kPixel>;                                                               \
+    if (cg == 32) return &forward<S, 32, kPixel>;                                                               \
+    return &forward<S, 0, kPixel>;                                                                              \
   }                                                                                                             \
-  template <typename S>                                                                                         \
+  template <typename S, bool kPixel>                                                                            \
   BackwardFn<S> pick_backward(int64_t cg) {                                                                     \
-    if (cg == 16) return &backward<S, 16>;                                                                      \
-    if (cg == 32) return &backward<S, 32>;                                                                      \
-    return &backward<S, 0>;                                                                                     \
+    if (cg == 16) return &backward<S, 16, kPixel>;                                                              \
+    if (cg == 32) return &backward<S, 32, kPixel>;                                                              \
+    return &backward<S, 0, kPixel>;                                                                             \
   }                                                                                                             \
   }
 
@@ -123,64 +125,75 @@ std::atomic<int>& isa_in_use() {
   return level;
 }
 
-template <typename S>
+template <typename S, bool kPixel>
 ForwardFn<S> forward_kernel(int64_t cg) {
 #if DCNV3_X86_VARIANTS
   switch (isa_in_use().load()) {
     case 2:
-      return avx512::pick_forward<S>(cg);
+      return avx512::pick_forward<S, kPixel>(cg);
     case 1:
-      return avx2::pick_forward<S>(cg);
+      return avx2::pick_forward<S, kPixel>(cg);
     default:
       break;
   }
 #endif
-  return portable::pick_forward<S>(cg);
+  return portable::pick_forward<S, kPixel>(cg);
 }
 
-template <typename S>
+template <typename S, bool kPixel>
 BackwardFn<S> backward_kernel(int64_t cg) {
 #if DCNV3_X86_VARIANTS
   switch (isa_in_use().load()) {
     case 2:
-      return avx512::pick_backward<S>(cg);
+      return avx512::pick_backward<S, kPixel>(cg);
     case 1:
-      return avx2::pick_backward<S>(cg);
+      return avx2::pick_backward<S, kPixel>(cg);
     default:
       break;
   }
 #endif
-  return portable::pick_backward<S>(cg);
+  return portable::pick_backward<S, kPixel>(cg);
 }
 
-// The fixed float32 part of every sampling location: base_x (Wo, P), base_y (Ho, P), and the forward's tables
-// base_x_groups (Wo, G, P) and base_y_groups (Ho, run, G, P) (see Problem).
+// The fixed part of every sampling location, in the accumulation type A: base_x (Wo, P), base_y (Ho, P), and the
+// forward's tables base_x_groups (Wo, G, P) and base_y_groups (Ho, run, G, P) (see Problem).
+template <typename A>
 struct Bases {
-  std::vector<float> x, y, x_groups, y_groups;
+  std::vector<A> x, y, x_groups, y_groups;
   int64_t run = 1;
 };
 
 // Pixels per forward location pass: enough points for long vector loops, few enough to stay in L1.
 int64_t forward_run(const Shape& s) { return std::max<int64_t>(1, std::min<int64_t>(8, 256 / (s.G * s.P))); }
 
-void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
-                int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, double offset_scale,
-                bool remove_center, Bases& bases) {
-  std::vector<float>& base_x = bases.x;
-  std::vector<float>& base_y = bases.y;
-  const float scale = static_cast<float>(offset_scale);
+// The spatial parameters of one call (both ops).
+struct Geometry {
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  double offset_scale;
+  bool remove_center;
+};
+
+// pixel = false: DCNv3's float32 normalised values (sampling_base; exact in A, so DCNv3 computes what it always
+// did); pixel = true: DCNv4's pixel coordinates in A (pixel_base).
+template <typename A>
+void fill_bases(const Shape& s, const Geometry& geo, bool pixel, Bases<A>& bases) {
+  std::vector<A>& base_x = bases.x;
+  std::vector<A>& base_y = bases.y;
+  const float scale = static_cast<float>(geo.offset_scale);
+  const int kh = static_cast<int>(geo.kernel_h), kw = static_cast<int>(geo.kernel_w);
+  const int sh = static_cast<int>(geo.stride_h), sw = static_cast<int>(geo.stride_w);
+  const int dh = static_cast<int>(geo.dilation_h), dw = static_cast<int>(geo.dilation_w);
   base_x.resize(s.Wo * s.P);
   base_y.resize(s.Ho * s.P);
   for (int64_t p = 0; p < s.P; ++p) {
     int tap_x, tap_y;
-    point_taps(static_cast<int>(p), static_cast<int>(kernel_h), static_cast<int>(kernel_w), remove_center, tap_x,
-               tap_y);
+    point_taps(static_cast<int>(p), kh, kw, geo.remove_center, tap_x, tap_y);
     for (int64_t wo = 0; wo < s.Wo; ++wo)
-      base_x[wo * s.P + p] = sampling_base(wo, tap_x, static_cast<int>(kernel_w), static_cast<int>(stride_w),
-                                           static_cast<int>(dilation_w), s.W + 2 * pad_w, scale);
+      base_x[wo * s.P + p] = pixel ? pixel_base<A>(wo, tap_x, kw, sw, static_cast<int>(geo.pad_w), dw, scale)
+                                   : static_cast<A>(sampling_base(wo, tap_x, kw, sw, dw, s.W + 2 * geo.pad_w, scale));
     for (int64_t ho = 0; ho < s.Ho; ++ho)
-      base_y[ho * s.P + p] = sampling_base(ho, tap_y, static_cast<int>(kernel_h), static_cast<int>(stride_h),
-                                           static_cast<int>(dilation_h), s.H + 2 * pad_h, scale);
+      base_y[ho * s.P + p] = pixel ? pixel_base<A>(ho, tap_y, kh, sh, static_cast<int>(geo.pad_h), dh, scale)
+                                   : static_cast<A>(sampling_base(ho, tap_y, kh, sh, dh, s.H + 2 * geo.pad_h, scale));
   }
   const int64_t gp = s.G * s.P;
   const int64_t run = bases.run = forward_run(s);
@@ -194,8 +207,19 @@ void fill_bases(const Shape& s, int64_t kernel_h, int64_t kernel_w, int64_t stri
     }
 }
 
-Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset_scale, bool mask_softmax,
-                     const Bases& bases) {
+// Where the offsets and masks are (see Problem): DCNv3's dense tensors, or DCNv4's packed offset_mask with
+// `channels` channels per pixel.
+struct Layout {
+  int64_t offset_pixel, offset_group, mask_pixel, mask_group;
+  bool dense;
+};
+
+Layout dense_layout(const Shape& s) { return {s.G * s.P * 2, s.P * 2, s.G * s.P, s.P, true}; }
+Layout packed_layout(const Shape& s, int64_t channels) { return {channels, 3 * s.P, channels, 3 * s.P, false}; }
+
+template <typename A>
+Problem make_problem(const Shape& s, const Geometry& geo, bool mask_softmax, const Layout& layout,
+                     const Bases<A>& bases) {
   Problem pb;
   pb.N = s.N;
   pb.H = s.H;
@@ -206,9 +230,14 @@ Problem make_problem(const Shape& s, int64_t pad_h, int64_t pad_w, double offset
   pb.Ho = s.Ho;
   pb.Wo = s.Wo;
   pb.P = s.P;
-  pb.pad_h = pad_h;
-  pb.pad_w = pad_w;
-  pb.offset_scale = offset_scale;
+  pb.pad_h = geo.pad_h;
+  pb.pad_w = geo.pad_w;
+  pb.offset_scale = geo.offset_scale;
+  pb.offset_pixel = layout.offset_pixel;
+  pb.offset_group = layout.offset_group;
+  pb.mask_pixel = layout.mask_pixel;
+  pb.mask_group = layout.mask_group;
+  pb.dense = layout.dense;
   pb.base_x = bases.x.data();
   pb.base_y = bases.y.data();
   pb.base_x_groups = bases.x_groups.data();
@@ -255,14 +284,12 @@ S* mptr(at::Tensor& t) {
   return reinterpret_cast<S*>(t.mutable_data_ptr());
 }
 
-template <typename S>
-void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                 at::Tensor& output) {
+// offset / mask: where (pixel 0, group 0, point 0)'s offset and mask are (DCNv4: one tensor, mask = offset + 2P).
+template <typename S, bool kPixel>
+void run_forward(const Problem& pb, const at::Tensor& input, const S* off, const S* msk, at::Tensor& output) {
   using A = acc_t<S>;
-  const ForwardFn<S> fn = forward_kernel<S>(pb.Cg);
+  const ForwardFn<S> fn = forward_kernel<S, kPixel>(pb.Cg);
   const S* in = cptr<S>(input);
-  const S* off = cptr<S>(offset);
-  const S* msk = cptr<S>(mask);
   S* out = mptr<S>(output);
   const int64_t pixels = pb.N * pb.Ho * pb.Wo;
   // Chunks of whole output rows when possible, about 8 per thread, at least ~64k multiply-adds each.
@@ -274,6 +301,7 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
   const int64_t point_count = pb.run * pb.G * pb.P;
   struct Scratch {
     std::vector<A> acc, probs;
+    std::vector<S> gathered;
     std::vector<char> points;
   };
   parallel_chunks(
@@ -281,22 +309,23 @@ void run_forward(const Problem& pb, const at::Tensor& input, const at::Tensor& o
       [&] {
         return Scratch{std::vector<A>(std::is_same<S, A>::value ? 0 : pb.C),
                        std::vector<A>(pb.mask_softmax ? point_count : 0),
-                       std::vector<char>(points_bytes<A>(point_count))};
+                       std::vector<S>(pb.dense ? 0 : point_count * 3), std::vector<char>(points_bytes<A>(point_count))};
       },
       [&](int64_t c, Scratch& sc) {
         const int64_t begin = c * per_chunk, end = std::min(pixels, begin + per_chunk);
-        fn(pb, in, off, msk, out, sc.acc.data(), sc.probs.data(), carve_points<A>(sc.points.data(), point_count),
-           begin, end);
+        fn(pb, in, off, msk, out, sc.acc.data(), sc.probs.data(), sc.gathered.data(),
+           carve_points<A>(sc.points.data(), point_count), begin, end);
       });
 }
 
-template <typename S>
-void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Tensor& input,
-                  const at::Tensor& offset, const at::Tensor& mask, at::Tensor& grad_input, at::Tensor& grad_offset,
-                  at::Tensor& grad_mask) {
+// off / msk / goff / gmsk: where (pixel 0, group 0, point 0)'s offset and mask and their gradients are (see
+// run_forward); the gradients are written at the places the Problem's strides give, nowhere else.
+template <typename S, bool kPixel>
+void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Tensor& input, const S* off,
+                  const S* msk, at::Tensor& grad_input, S* goff, S* gmsk) {
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same<S, A>::value;
-  const BackwardFn<S> fn = backward_kernel<S>(pb.Cg);
+  const BackwardFn<S> fn = backward_kernel<S, kPixel>(pb.Cg);
   const int64_t pairs = pb.N * pb.G;
   const int64_t threads = at::get_num_threads();
   const int64_t rows = pb.Ho;
@@ -318,20 +347,16 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
 
   const S* go = cptr<S>(grad_output);
   const S* in = cptr<S>(input);
-  const S* off = cptr<S>(offset);
-  const S* msk = cptr<S>(mask);
-  S* goff = mptr<S>(grad_offset);
-  S* gmsk = mptr<S>(grad_mask);
   const int64_t run_points = kBackwardPixels * pb.P;
   struct Scratch {
     std::vector<S> off, msk;
-    std::vector<float> by;
+    std::vector<A> by;
     std::vector<A> go, probs, gm;
     std::vector<char> points;
     RunScratch<S> rs;
   };
   auto setup = [&] {
-    Scratch sc{std::vector<S>(run_points * 2), std::vector<S>(run_points), std::vector<float>(run_points),
+    Scratch sc{std::vector<S>(run_points * 2), std::vector<S>(run_points), std::vector<A>(run_points),
                std::vector<A>(pb.Cg), std::vector<A>(run_points), std::vector<A>(pb.P),
                std::vector<char>(points_bytes<A>(run_points)), RunScratch<S>{}};
     sc.rs.off = sc.off.data();
@@ -376,6 +401,54 @@ void run_backward(const Problem& pb, const at::Tensor& grad_output, const at::Te
   }
 }
 
+// One call of either op in dtype S: the location tables (kPixel: DCNv4's), then the kernel. The masks start
+// mask_start elements into `mask` (DCNv4: offset and mask are the same packed tensor, its masks 2P channels in).
+template <typename S, bool kPixel>
+void forward_typed(const Shape& s, const Geometry& geo, bool mask_softmax, const Layout& layout,
+                   const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask, int64_t mask_start,
+                   at::Tensor& output) {
+  Bases<acc_t<S>> bases;
+  fill_bases(s, geo, kPixel, bases);
+  const Problem pb = make_problem(s, geo, mask_softmax, layout, bases);
+  run_forward<S, kPixel>(pb, input, cptr<S>(offset), cptr<S>(mask) + mask_start, output);
+}
+
+template <typename S, bool kPixel>
+void backward_typed(const Shape& s, const Geometry& geo, bool mask_softmax, const Layout& layout,
+                    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+                    const at::Tensor& mask, int64_t mask_start, at::Tensor& grad_input, at::Tensor& grad_offset,
+                    at::Tensor& grad_mask) {
+  Bases<acc_t<S>> bases;
+  fill_bases(s, geo, kPixel, bases);
+  const Problem pb = make_problem(s, geo, mask_softmax, layout, bases);
+  run_backward<S, kPixel>(pb, grad_output, input, cptr<S>(offset), cptr<S>(mask) + mask_start, grad_input,
+                          mptr<S>(grad_offset), mptr<S>(grad_mask) + mask_start);
+}
+
+template <bool kPixel, typename... Args>
+void forward_any(at::ScalarType dtype, Args&&... args) {
+  switch (dtype) {
+    case at::kDouble:
+      return forward_typed<double, kPixel>(args...);
+    case at::kFloat:
+      return forward_typed<float, kPixel>(args...);
+    default:
+      return forward_typed<bf16, kPixel>(args...);
+  }
+}
+
+template <bool kPixel, typename... Args>
+void backward_any(at::ScalarType dtype, Args&&... args) {
+  switch (dtype) {
+    case at::kDouble:
+      return backward_typed<double, kPixel>(args...);
+    case at::kFloat:
+      return backward_typed<float, kPixel>(args...);
+    default:
+      return backward_typed<bf16, kPixel>(args...);
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace internimage_dcnv3
@@ -395,21 +468,10 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   const at::Tensor mask = mask_.contiguous();
   at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
   if (output.numel() == 0) return output;
-  cpu::Bases bases;
-  cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
-                  remove_center != 0, bases);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, mask_softmax, bases);
-  switch (input.scalar_type()) {
-    case at::kDouble:
-      cpu::run_forward<double>(pb, input, offset, mask, output);
-      break;
-    case at::kFloat:
-      cpu::run_forward<float>(pb, input, offset, mask, output);
-      break;
-    default:
-      cpu::run_forward<cpu::bf16>(pb, input, offset, mask, output);
-      break;
-  }
+  const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                          pad_w,    dilation_h, dilation_w, offset_scale, remove_center != 0};
+  cpu::forward_any<false>(input.scalar_type(), s, geo, mask_softmax, cpu::dense_layout(s), input, offset, mask,
+                          int64_t{0}, output);
   return output;
 }
 
@@ -434,22 +496,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     grad_mask.zero_();
     return {grad_input, grad_offset, grad_mask};
   }
-  cpu::Bases bases;
-  cpu::fill_bases(s, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, offset_scale,
-                  remove_center != 0, bases);
-  const cpu::Problem pb = cpu::make_problem(s, pad_h, pad_w, offset_scale, mask_softmax, bases);
-  switch (input.scalar_type()) {
-    case at::kDouble:
-      cpu::run_backward<double>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
-      break;
-    case at::kFloat:
-      cpu::run_backward<float>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
-      break;
-    default:
-      cpu::run_backward<cpu::bf16>(pb, grad_output, input, offset, mask, grad_input, grad_offset, grad_mask);
-      break;
-  }
+  const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                          pad_w,    dilation_h, dilation_w, offset_scale, remove_center != 0};
+  cpu::backward_any<false>(input.scalar_type(), s, geo, mask_softmax, cpu::dense_layout(s), grad_output, input,
+                           offset, mask, int64_t{0}, grad_input, grad_offset, grad_mask);
   return {grad_input, grad_offset, grad_mask};
+}
+
+at::Tensor dcnv4_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_mask_, int64_t kernel_h,
+                             int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                             int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels,
+                             double offset_scale, int64_t remove_center) {
+  const Shape s = check_args_v4(input_, offset_mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
+  cpu::check_cpu(input_, "input");
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset_mask = offset_mask_.contiguous();
+  at::Tensor output = at::empty({s.N, s.Ho, s.Wo, s.C}, input.options());
+  if (output.numel() == 0) return output;
+  const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                          pad_w,    dilation_h, dilation_w, dcnv4_offset_scale(offset_scale), remove_center != 0};
+  cpu::forward_any<true>(input.scalar_type(), s, geo, false, cpu::packed_layout(s, offset_mask.size(3)), input,
+                         offset_mask, offset_mask, 2 * s.P, output);
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input_,
+                                                      const at::Tensor& offset_mask_, int64_t kernel_h,
+                                                      int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                                                      int64_t pad_h, int64_t pad_w, int64_t dilation_h,
+                                                      int64_t dilation_w, int64_t group, int64_t group_channels,
+                                                      double offset_scale, int64_t remove_center) {
+  const Shape s = check_args_v4(input_, offset_mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                dilation_h, dilation_w, group, group_channels, remove_center, offset_scale);
+  cpu::check_cpu(input_, "input");
+  check_grad_output(grad_output_, input_, s, "DCNv4");
+  const at::Tensor grad_output = grad_output_.to(input_.scalar_type()).contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset_mask = offset_mask_.contiguous();
+  at::Tensor grad_input = at::zeros_like(input);
+  // Zeros: the padding channels past G * 3P are never written (they have no effect on the output).
+  at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
+  if (grad_output.numel() == 0) return {grad_input, grad_offset_mask};
+  const cpu::Geometry geo{kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                          pad_w,    dilation_h, dilation_w, dcnv4_offset_scale(offset_scale), remove_center != 0};
+  cpu::backward_any<true>(input.scalar_type(), s, geo, false, cpu::packed_layout(s, offset_mask.size(3)),
+                          grad_output, input, offset_mask, offset_mask, 2 * s.P, grad_input, grad_offset_mask,
+                          grad_offset_mask);
+  return {grad_input, grad_offset_mask};
 }
 
 int64_t dcnv3_cpu_isa(int64_t request) {

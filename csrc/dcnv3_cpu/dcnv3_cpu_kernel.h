@@ -81,21 +81,36 @@ DCNV3_CPU_INLINE void store(float v, bf16& dst) {  // round to nearest even, NaN
   dst = static_cast<uint16_t>(bits >> 16);
 }
 
-// Geometry of one call. base_x[wo * P + p] / base_y[ho * P + p] hold the fixed float32 part of every sampling
-// location (sampling_base), computed once per call. The forward locates the points of `run` consecutive pixels of a
-// row at once: base_x_groups[wo * G * P + g * P + p] repeats base_x for every group (so consecutive pixels are
-// contiguous) and base_y_groups[(ho * run + r) * G * P + g * P + p] repeats base_y for every group and run slot.
+// Geometry of one call, shared by DCNv3 and DCNv4. base_x[wo * P + p] / base_y[ho * P + p] hold the fixed part of
+// every sampling location, computed once per call in the accumulation type acc_t<S> (the tables are typed there):
+// DCNv3 stores its float32 normalised values (sampling_base, exact in acc_t), DCNv4 pixel coordinates (pixel_base,
+// see the template argument kPixel below). The forward locates the points of `run` consecutive pixels of a row at
+// once: base_x_groups[wo * G * P + g * P + p] repeats base_x for every group (so consecutive pixels are contiguous)
+// and base_y_groups[(ho * run + r) * G * P + g * P + p] repeats base_y for every group and run slot.
+//
+// Offsets and masks are read through strides, so that one kernel serves DCNv3's two dense tensors and DCNv4's one
+// packed tensor: (pixel pix, group g, point p) reads offset[pix * offset_pixel + g * offset_group + 2 p (+ 1 for y)]
+// and mask[pix * mask_pixel + g * mask_group + p] (DCNv4 passes mask = offset_mask + 2P); the backward writes the
+// gradients at the same places. `dense`: the DCNv3 layout (offset_pixel = 2 G P, offset_group = 2P, mask_pixel = G P,
+// mask_group = P), which the forward locates in place instead of gathering a run first.
 struct Problem {
   int64_t N, H, W, C, G, Cg, Ho, Wo, P;
   int64_t pad_h, pad_w;
   double offset_scale;
-  const float* base_x;
-  const float* base_y;
-  const float* base_x_groups;
-  const float* base_y_groups;
+  int64_t offset_pixel, offset_group, mask_pixel, mask_group;
+  bool dense;
+  const void* base_x;
+  const void* base_y;
+  const void* base_x_groups;
+  const void* base_y_groups;
   int64_t run;
   bool mask_softmax;  // mask holds logits: softmax over each (pixel, group)'s P points first (fused)
 };
+
+template <typename A>
+DCNV3_CPU_INLINE const A* table(const void* t) {
+  return static_cast<const A*>(t);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fused mask softmax
@@ -201,10 +216,11 @@ inline Points<A> carve_points(void* scratch, int64_t count) {
 
 // Locate `count` points: bx/by the fixed parts, off the (dx, dy) pairs, msk the masks, all contiguous. Branch-free,
 // so that the compiler turns it into a vector loop. The forward (kBackward = false) reads only px, keep, w and m:
-// the rest is not stored, which keeps the pass and its scratch small.
-template <bool kBackward, typename S, typename M>
-DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const float* DCNV3_RESTRICT bx,
-                                    const float* DCNV3_RESTRICT by, const S* DCNV3_RESTRICT off,
+// the rest is not stored, which keeps the pass and its scratch small. kPixel: DCNv4's coordinates (pixel_coord on
+// pixel_base tables, in the unpadded image), else DCNv3's (padded_coord on sampling_base tables).
+template <bool kBackward, bool kPixel, typename S, typename M>
+DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const acc_t<S>* DCNV3_RESTRICT bx,
+                                    const acc_t<S>* DCNV3_RESTRICT by, const S* DCNV3_RESTRICT off,
                                     const M* DCNV3_RESTRICT msk, const Points<acc_t<S>>& pts) {
   using A = acc_t<S>;
   const A scale = static_cast<A>(pb.offset_scale);
@@ -233,10 +249,16 @@ DCNV3_CPU_INLINE void locate_points(const Problem& pb, int64_t count, const floa
   int32_t* DCNV3_RESTRICT flags = pts.flags;
   DCNV3_IVDEP
   for (int64_t j = 0; j < count; ++j) {
-    const A u = padded_coord<A>(bx[j], load(off[2 * j]), scale, w_pad);
-    const A v = padded_coord<A>(by[j], load(off[2 * j + 1]), scale, h_pad);
     Corners<A> c;
-    locate<A>(u, v, pb.pad_w, pb.pad_h, pb.W, pb.H, c);
+    if constexpr (kPixel) {
+      const A u = pixel_coord<A>(bx[j], load(off[2 * j]), scale);
+      const A v = pixel_coord<A>(by[j], load(off[2 * j + 1]), scale);
+      locate<A>(u, v, 0, 0, pb.W, pb.H, c);
+    } else {
+      const A u = padded_coord<A>(bx[j], load(off[2 * j]), scale, w_pad);
+      const A v = padded_coord<A>(by[j], load(off[2 * j + 1]), scale, h_pad);
+      locate<A>(u, v, pb.pad_w, pb.pad_h, pb.W, pb.H, c);
+    }
     A w[4];
     bilinear_weights<A>(c, w);
     const A m = load(msk[j]);
@@ -446,14 +468,30 @@ DCNV3_CPU_INLINE void group_sums4(const Group<A, CG, VB> (&x)[4], A out[4]) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: output pixels [begin, end) of the flattened (N, Ho, Wo) range. scratch: C accumulators (bfloat16 on the
-// generic path); probs (fused softmax) and pts: room for run * G * P points.
+// generic path); probs (fused softmax) and pts: room for run * G * P points; gathered (layouts that are not dense):
+// run * G * P * 3 values.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename S, int CG, int VB>
+
+// Copy the offsets and masks of `count` pixels from pix0 into the dense layout: off (count, G, P, 2), msk (count, G,
+// P). (The location pass is a vector loop over contiguous points; a packed DCNv4 row is not.)
+template <typename S>
+DCNV3_CPU_INLINE void gather_run(const Problem& pb, const S* DCNV3_RESTRICT offset, const S* DCNV3_RESTRICT mask,
+                                 int64_t pix0, int64_t count, S* DCNV3_RESTRICT off, S* DCNV3_RESTRICT msk) {
+  const int64_t G = pb.G, P = pb.P;
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t row = r * G + g;
+      std::memcpy(off + row * 2 * P, offset + (pix0 + r) * pb.offset_pixel + g * pb.offset_group, 2 * P * sizeof(S));
+      std::memcpy(msk + row * P, mask + (pix0 + r) * pb.mask_pixel + g * pb.mask_group, P * sizeof(S));
+    }
+}
+
+template <typename S, int CG, int VB, bool kPixel>
 DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT input,
                                      const S* DCNV3_RESTRICT offset, const S* DCNV3_RESTRICT mask,
                                      S* DCNV3_RESTRICT output, acc_t<S>* DCNV3_RESTRICT scratch,
-                                     acc_t<S>* DCNV3_RESTRICT probs, const Points<acc_t<S>>& pts, int64_t begin,
-                                     int64_t end) {
+                                     acc_t<S>* DCNV3_RESTRICT probs, S* DCNV3_RESTRICT gathered,
+                                     const Points<acc_t<S>>& pts, int64_t begin, int64_t end) {
   using A = acc_t<S>;
   constexpr bool kDirect = std::is_same<S, A>::value;
   const int64_t Cg = CG > 0 ? CG : pb.Cg;
@@ -467,13 +505,20 @@ DCNV3_CPU_INLINE void forward_pixels(const Problem& pb, const S* DCNV3_RESTRICT 
     const int64_t wo = hw - ho * Wo;
     int64_t count = pb.run < end - pix0 ? pb.run : end - pix0;  // pixels of this row located together
     count = count < Wo - wo ? count : Wo - wo;
+    const S* off_run = offset + pix0 * GP * 2;
+    const S* msk_run = mask + pix0 * GP;
+    if (!pb.dense) {
+      gather_run<S>(pb, offset, mask, pix0, count, gathered, gathered + count * GP * 2);
+      off_run = gathered;
+      msk_run = gathered + count * GP * 2;
+    }
+    const A* bx = table<A>(pb.base_x_groups) + wo * GP;
+    const A* by = table<A>(pb.base_y_groups) + ho * pb.run * GP;
     if (pb.mask_softmax) {
-      softmax_rows<S>(mask + pix0 * GP, count * G, P, probs);
-      locate_points<false, S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
-                              offset + pix0 * GP * 2, probs, pts);
+      softmax_rows<S>(msk_run, count * G, P, probs);
+      locate_points<false, kPixel, S>(pb, count * GP, bx, by, off_run, probs, pts);
     } else {
-      locate_points<false, S>(pb, count * GP, pb.base_x_groups + wo * GP, pb.base_y_groups + ho * pb.run * GP,
-                              offset + pix0 * GP * 2, mask + pix0 * GP, pts);
+      locate_points<false, kPixel, S>(pb, count * GP, bx, by, off_run, msk_run, pts);
     }
     const S* image = input + n * H * W * C;
     for (int64_t r = 0; r < count; ++r) {
@@ -562,7 +607,7 @@ template <typename S>
 struct RunScratch {
   S* off;        // kBackwardPixels * P * 2 gathered offsets
   S* msk;        // kBackwardPixels * P gathered masks
-  float* by;     // kBackwardPixels * P fixed y parts
+  acc_t<S>* by;  // kBackwardPixels * P fixed y parts
   acc_t<S>* go;  // Cg (bfloat16 grad_output converted, generic path)
   acc_t<S>* probs;  // kBackwardPixels * P softmaxed masks (fused softmax)
   acc_t<S>* gm;     // P gradients with respect to the softmaxed masks of one pixel (fused softmax)
@@ -596,8 +641,8 @@ DCNV3_CPU_INLINE A corner_dot_scatter(int64_t Cg, const A* DCNV3_RESTRICT go, co
 // Backward for one image n and one group g over output rows [row_begin, row_end) of that image.
 // grad_input: (N, H, W, C) in the accumulation type; this task adds into channels [g*Cg, (g+1)*Cg) only, so tasks of
 // different (n, g) never touch the same memory: no atomics, and a fixed summation order. grad_offset / grad_mask
-// entries of (pixel, g) are written exactly once.
-template <typename S, int CG, int VB>
+// entries of (pixel, g) are written exactly once (through the Problem's strides, like the reads).
+template <typename S, int CG, int VB, bool kPixel>
 DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT grad_output,
                                     const S* DCNV3_RESTRICT input, const S* DCNV3_RESTRICT offset,
                                     const S* DCNV3_RESTRICT mask, acc_t<S>* DCNV3_RESTRICT grad_input,
@@ -608,7 +653,7 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
   constexpr bool kDirect = std::is_same<S, A>::value;
   constexpr bool kVector = CG > 0 && DCNV3_VECTOR_EXTENSIONS;
   const int64_t Cg = CG > 0 ? CG : pb.Cg;
-  const int64_t C = pb.C, G = pb.G, P = pb.P, H = pb.H, W = pb.W, Wo = pb.Wo, Ho = pb.Ho;
+  const int64_t C = pb.C, P = pb.P, H = pb.H, W = pb.W, Wo = pb.Wo, Ho = pb.Ho;
   const A scale = static_cast<A>(pb.offset_scale);
   const S* image_g = input + n * H * W * C + g * Cg;
   A* grad_image_g = grad_input + n * H * W * C + g * Cg;
@@ -619,20 +664,23 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
       const int64_t run = Wo - wo0 < kBackwardPixels ? Wo - wo0 : kBackwardPixels;
       const int64_t pix0 = (n * Ho + ho) * Wo + wo0;
       // Gather the run's offsets / masks of group g into contiguous arrays, then locate its points at once.
+      const A* base_y = table<A>(pb.base_y) + ho * P;
       for (int64_t i = 0; i < run; ++i) {
-        const int64_t k = (pix0 + i) * G * P + g * P;
+        const S* off_i = offset + (pix0 + i) * pb.offset_pixel + g * pb.offset_group;
+        const S* msk_i = mask + (pix0 + i) * pb.mask_pixel + g * pb.mask_group;
         for (int64_t p = 0; p < P; ++p) {
-          rs.off[2 * (i * P + p)] = offset[2 * (k + p)];
-          rs.off[2 * (i * P + p) + 1] = offset[2 * (k + p) + 1];
-          rs.msk[i * P + p] = mask[k + p];
-          rs.by[i * P + p] = pb.base_y[ho * P + p];
+          rs.off[2 * (i * P + p)] = off_i[2 * p];
+          rs.off[2 * (i * P + p) + 1] = off_i[2 * p + 1];
+          rs.msk[i * P + p] = msk_i[p];
+          rs.by[i * P + p] = base_y[p];
         }
       }
+      const A* bx = table<A>(pb.base_x) + wo0 * P;
       if (pb.mask_softmax) {
         softmax_rows<S>(rs.msk, run, P, rs.probs);
-        locate_points<true, S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.probs, pts);
+        locate_points<true, kPixel, S>(pb, run * P, bx, rs.by, rs.off, rs.probs, pts);
       } else {
-        locate_points<true, S>(pb, run * P, pb.base_x + wo0 * P, rs.by, rs.off, rs.msk, pts);
+        locate_points<true, kPixel, S>(pb, run * P, bx, rs.by, rs.off, rs.msk, pts);
       }
 
       for (int64_t i = 0; i < run; ++i) {
@@ -651,10 +699,10 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
             go = rs.go;
           }
         }
-        const int64_t k0 = pix * G * P + g * P;
+        S* grad_off_i = grad_offset + pix * pb.offset_pixel + g * pb.offset_group;
+        S* grad_msk_i = grad_mask + pix * pb.mask_pixel + g * pb.mask_group;
         for (int64_t p = 0; p < P; ++p) {
           const int64_t j = i * P + p;
-          const int64_t k = k0 + p;
           const Corners<A> cr = corners_at(pts, j);
           const A m = pts.m[j];
           const A w[4] = {pts.w[0][j], pts.w[1][j], pts.w[2][j], pts.w[3][j]};
@@ -686,17 +734,17 @@ DCNV3_CPU_INLINE void backward_task(const Problem& pb, const S* DCNV3_RESTRICT g
           if (pb.mask_softmax) {
             rs.gm[p] = gm;
           } else {
-            store(gm, grad_mask[k]);
+            store(gm, grad_msk_i[p]);
           }
-          store(gx, grad_offset[2 * k]);
-          store(gy, grad_offset[2 * k + 1]);
+          store(gx, grad_off_i[2 * p]);
+          store(gy, grad_off_i[2 * p + 1]);
         }
         if (pb.mask_softmax) {
           // Through the softmax: d logit_p = prob_p * (d prob_p - sum_q prob_q * d prob_q).
           const A* prob = pts.m + i * P;
           A inner = A(0);
           for (int64_t p = 0; p < P; ++p) inner += prob[p] * rs.gm[p];
-          for (int64_t p = 0; p < P; ++p) store(prob[p] * (rs.gm[p] - inner), grad_mask[k0 + p]);
+          for (int64_t p = 0; p < P; ++p) store(prob[p] * (rs.gm[p] - inner), grad_msk_i[p]);
         }
       }
     }

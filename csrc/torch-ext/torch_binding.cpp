@@ -46,14 +46,26 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, "
       "int group_channels, float offset_scale, int remove_center, bool mask_softmax=False) "
       "-> (Tensor, Tensor, Tensor)");
+  ops.def(
+      "dcnv4_forward(Tensor input, Tensor offset_mask, int kernel_h, int kernel_w, int stride_h, int stride_w, "
+      "int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, float offset_scale, "
+      "int remove_center) -> Tensor");
+  ops.def(
+      "dcnv4_backward(Tensor grad_output, Tensor input, Tensor offset_mask, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, "
+      "int group_channels, float offset_scale, int remove_center) -> (Tensor, Tensor)");
   ops.def("backends() -> str", &dcnv3_backends);
   ops.def("cpu_isa(int request) -> int", &dcnv3_cpu_isa);
 
   ops.impl("dcnv3_forward", c10::DeviceType::CPU, &dcnv3_forward_cpu);
   ops.impl("dcnv3_backward", c10::DeviceType::CPU, &dcnv3_backward_cpu);
+  ops.impl("dcnv4_forward", c10::DeviceType::CPU, &dcnv4_forward_cpu);
+  ops.impl("dcnv4_backward", c10::DeviceType::CPU, &dcnv4_backward_cpu);
 #if defined(CUDA_KERNEL) || defined(DCNV3_WITH_CUDA)
   ops.impl("dcnv3_forward", c10::DeviceType::CUDA, &dcnv3_forward_cuda);
   ops.impl("dcnv3_backward", c10::DeviceType::CUDA, &dcnv3_backward_cuda);
+  ops.impl("dcnv4_forward", c10::DeviceType::CUDA, &dcnv4_forward_cuda);
+  ops.impl("dcnv4_backward", c10::DeviceType::CUDA, &dcnv4_backward_cuda);
 #endif
 }
 

@@ -8,11 +8,23 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["dcnv3_core", "dcnv3_forward", "dcnv3_backward", "supports", "backends", "cpu_isa", "FEATURES"]
+__all__ = [
+    "dcnv3_core",
+    "dcnv3_forward",
+    "dcnv3_backward",
+    "dcnv4_core",
+    "dcnv4_forward",
+    "dcnv4_backward",
+    "supports",
+    "backends",
+    "cpu_isa",
+    "FEATURES",
+]
 
-# What this build's ops accept beyond the official arguments (callers check before using them):
-# "mask_softmax": the mask may be passed as logits and is softmaxed over each (pixel, group)'s points in the op.
-FEATURES = frozenset({"mask_softmax"})
+# What this build's ops offer beyond the official DCNv3 arguments (callers check before using them):
+# "mask_softmax": the mask may be passed as logits and is softmaxed over each (pixel, group)'s points in the op;
+# "dcnv4": the DCNv4 core op (`dcnv4_core`, one packed offset_mask tensor, exact pixel coordinates).
+FEATURES = frozenset({"mask_softmax", "dcnv4"})
 
 _DTYPES = {
     "cpu": (torch.float64, torch.float32, torch.bfloat16),
@@ -61,6 +73,7 @@ def _check_params(
     group_channels,
     offset_scale,
     remove_center,
+    op="DCNv3",
 ) -> tuple[int, int]:
     """What the C++ kernels must never see, refused with one ValueError (as internimage_hf's reference does):
     non-positive sizes, a non-finite offset_scale, no sampling points, an empty output. Returns (H_out, W_out)."""
@@ -75,33 +88,40 @@ def _check_params(
         ("group_channels", group_channels),
     ):
         if value < 1:
-            raise ValueError(f"DCNv3 {name} must be >= 1, got {value}")
+            raise ValueError(f"{op} {name} must be >= 1, got {value}")
     if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"DCNv3 padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
+        raise ValueError(f"{op} padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
     if not math.isfinite(offset_scale):
-        raise ValueError(f"DCNv3 offset_scale must be finite, got {offset_scale}")
+        raise ValueError(f"{op} offset_scale must be finite, got {offset_scale}")
     if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
-        raise ValueError("DCNv3 remove_center needs an odd kernel size")
+        raise ValueError(f"{op} remove_center needs an odd kernel size")
     if kernel_h * kernel_w - int(bool(remove_center)) < 1:
         raise ValueError(
-            f"DCNv3 has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
+            f"{op} has no sampling points: a {kernel_h}x{kernel_w} kernel with remove_center leaves "
             "none (use a kernel of at least 3x3, or remove_center=0)"
         )
     h_out = _output_size(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = _output_size(w, kernel_w, stride_w, pad_w, dilation_w)
     if h_out < 1 or w_out < 1:
         raise ValueError(
-            f"DCNv3 input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
+            f"{op} input {h}x{w} is smaller than the kernel footprint: kernel {kernel_h}x{kernel_w}, "
             f"stride {stride_h}x{stride_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w} "
             f"give an empty output ({max(h_out, 0)}x{max(w_out, 0)})"
         )
     return h_out, w_out
 
 
-def _check_input(input, *params) -> tuple[int, int]:
+def _check_input(input, *params, op="DCNv3") -> tuple[int, int]:
     if input.dim() != 4:
-        raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
-    return _check_params(input.shape[1], input.shape[2], *params)
+        raise ValueError(f"{op} input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
+    return _check_params(input.shape[1], input.shape[2], *params, op=op)
+
+
+def _check_input_v4(input, offset_mask, *params) -> tuple[int, int]:
+    """DCNv4's parameters: DCNv3's rules (one ValueError), plus offset_mask on the input's device."""
+    if offset_mask.device != input.device:
+        raise ValueError(f"DCNv4 input and offset_mask must be on one device, got {input.device}, {offset_mask.device}")
+    return _check_input(input, *params, op="DCNv4")
 
 
 def _check_devices(input, offset, mask) -> None:
@@ -191,6 +211,67 @@ def _backward(ctx, grad_output):
 _register("fake", "dcnv3_forward", _forward_fake)
 _register("fake", "dcnv3_backward", _backward_fake)
 _register("autograd", "dcnv3_forward", _backward, setup_context=_setup_context)
+
+
+def _v4_params(
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+) -> tuple:
+    """DCNv4's parameters as the op schema types them, in its order."""
+    return (
+        int(kernel_h),
+        int(kernel_w),
+        int(stride_h),
+        int(stride_w),
+        int(pad_h),
+        int(pad_w),
+        int(dilation_h),
+        int(dilation_w),
+        int(group),
+        int(group_channels),
+        float(offset_scale),
+        int(remove_center),
+    )
+
+
+def _v4_checked(input, offset_mask, params: tuple) -> tuple[int, int]:
+    # _check_params takes DCNv3's order (remove_center after offset_scale, as here).
+    return _check_input_v4(input, offset_mask, *params)
+
+
+def _v4_forward_fake(input, offset_mask, *params):
+    h_out, w_out = _v4_checked(input, offset_mask, params)
+    return input.new_empty((input.shape[0], h_out, w_out, input.shape[3]))
+
+
+def _v4_backward_fake(grad_output, input, offset_mask, *params):
+    return torch.empty_like(input), torch.empty_like(offset_mask)
+
+
+def _v4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.params = tuple(inputs[2:])
+
+
+def _v4_backward(ctx, grad_output):
+    input, offset_mask = ctx.saved_tensors
+    grad_input, grad_offset_mask = ops.dcnv4_backward(grad_output, input, offset_mask, *ctx.params)
+    return (grad_input, grad_offset_mask) + (None,) * len(ctx.params)
+
+
+_register("fake", "dcnv4_forward", _v4_forward_fake)
+_register("fake", "dcnv4_backward", _v4_backward_fake)
+_register("autograd", "dcnv4_forward", _v4_backward, setup_context=_v4_setup_context)
 
 
 def dcnv3_forward(
@@ -349,4 +430,115 @@ def dcnv3_core(
         offset_scale,
         remove_center,
         mask_softmax,
+    )
+
+
+def dcnv4_forward(
+    input,
+    offset_mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+) -> torch.Tensor:
+    """The registered DCNv4 forward op (differentiable through its registered autograd formula)."""
+    params = _v4_params(
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
+    _v4_checked(input, offset_mask, params)
+    return ops.dcnv4_forward(input, offset_mask, *params)
+
+
+def dcnv4_backward(
+    grad_output,
+    input,
+    offset_mask,
+    kernel_h,
+    kernel_w,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    group,
+    group_channels,
+    offset_scale,
+    remove_center,
+):
+    """The registered DCNv4 backward op: (grad_input, grad_offset_mask), zero in offset_mask's padding channels."""
+    params = _v4_params(
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
+    )
+    _v4_checked(input, offset_mask, params)
+    return ops.dcnv4_backward(grad_output, input, offset_mask, *params)
+
+
+def dcnv4_core(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int,
+) -> torch.Tensor:
+    """DCNv4 core (the official argument order without its launch-tuning arguments), channels-last.
+
+    offset_mask (N, Ho, Wo, >= G*3P): group g's 2P offsets ((x, y) pairs) then P weights from channel g*3P, the
+    weights used as they are; channels past G*3P are ignored. Cast to input's dtype (as under autocast)."""
+    if offset_mask.dtype != input.dtype:
+        offset_mask = offset_mask.to(input.dtype)
+    return dcnv4_forward(
+        input,
+        offset_mask,
+        kernel_h,
+        kernel_w,
+        stride_h,
+        stride_w,
+        pad_h,
+        pad_w,
+        dilation_h,
+        dilation_w,
+        group,
+        group_channels,
+        offset_scale,
+        remove_center,
     )

@@ -1,8 +1,9 @@
 """DCNv3 and DCNv4 operators: one entry point each (`dcnv3_core`, `dcnv4_core`), compiled fast paths and the
 pure-PyTorch references.
 
-Importing this package registers `DCNv3Core`'s kernel mapping with `kernels` (`hub.register()`: no file is read and
-no request made until a model is kernelized) and the CPU GEMM layers of `cpu_layers`."""
+Importing this package registers the kernel mappings of `DCNv3Core` and `DCNv4Core` with `kernels`
+(`hub.register()`: no file is read and no request made until a model is kernelized) and the CPU Linear/MLP layers
+of `cpu_layers`."""
 
 from . import cpu_layers, hub
 from .compiled import DCNv3KernelWarning

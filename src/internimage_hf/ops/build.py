@@ -300,6 +300,10 @@ m = torch.rand(2, 5, 6, 2 * 9, dtype=torch.float64, requires_grad=True)
 y = mod.dcnv3_core(x, off, m, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
 y.square().sum().backward()
 assert y.shape == x.shape and bool(torch.isfinite(y).all()) and x.grad is not None
+om = torch.randn(2, 5, 6, 56, dtype=torch.float64, requires_grad=True)  # DCNv4: G * 3P = 54, padded to 56
+z = mod.dcnv4_core(x, om, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
+z.square().sum().backward()
+assert z.shape == x.shape and bool(torch.isfinite(z).all()) and om.grad is not None
 print("ok", ",".join(mod.backends()))
 """
 

@@ -1,4 +1,5 @@
-"""A loaded DCNv3 kernel (Hub kernel or local build) behind the small interface `dispatch.py` uses.
+"""A loaded DCNv3 kernel (Hub kernel or local build) behind the small interface `dispatch.py` uses: the DCNv3 op
+(`__call__`) and, in builds that have it, the DCNv4 op (`dcnv4`, `supports_dcnv4`).
 
 The kernel package itself (csrc/torch-ext/internimage_dcnv3) registers the ops' fake implementations and autograd
 formula, so what is wrapped here is already differentiable and traceable by `torch.compile`.
@@ -44,6 +45,24 @@ def _warn_missing_device(device: str, source: str) -> bool:
 # that loading a kernel does not import torch._dynamo).
 _warn_missing_device._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
+_op_warned: set[tuple[str, str]] = set()
+
+
+def _warn_missing_op(op: str, source: str) -> bool:
+    """One warning per (op, kernel) for a build older than the op (its inputs then take the reference)."""
+    if (op, source) not in _op_warned:
+        _op_warned.add((op, source))
+        warnings.warn(
+            f"The compiled DCNv3 kernel ({source}) was built without the {op} op; {op} uses the pure-PyTorch "
+            "reference (slow). To fix: rebuild it with `internimage-hf build-kernels`.",
+            DCNv3KernelWarning,
+            stacklevel=4,
+        )
+    return True
+
+
+_warn_missing_op._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
 
 class CompiledDCNv3:
     """Callable with the official DCNv3 arguments; `supports(input)` says whether this kernel handles the input."""
@@ -58,8 +77,12 @@ class CompiledDCNv3:
         self.backends = tuple(module.backends())
         self._core = module.dcnv3_core
         self._supports = module.supports
+        features = getattr(module, "FEATURES", ())
         # Kernels built before the fused mask softmax existed get softmaxed masks from Python instead.
-        self.fuses_mask_softmax = "mask_softmax" in getattr(module, "FEATURES", ())
+        self.fuses_mask_softmax = "mask_softmax" in features
+        # ... and those built before DCNv4 leave it to the reference (`has_dcnv4` False, `dcnv4` None).
+        self.has_dcnv4 = "dcnv4" in features and callable(getattr(module, "dcnv4_core", None))
+        self.dcnv4 = module.dcnv4_core if self.has_dcnv4 else None
 
     def supports(self, input: torch.Tensor) -> bool:
         if self._supports(input):
@@ -67,6 +90,13 @@ class CompiledDCNv3:
         if input.device.type not in self.backends:
             _warn_missing_device(input.device.type, self.source)
         return False
+
+    def supports_dcnv4(self, input: torch.Tensor) -> bool:
+        """Whether `dcnv4` handles `input` (False, after one warning, for a build without DCNv4)."""
+        if not self.has_dcnv4:
+            _warn_missing_op("DCNv4", self.source)
+            return False
+        return self.supports(input)
 
     def __call__(
         self,

@@ -1,4 +1,4 @@
-"""Choose the DCNv3 implementation per call: a compiled kernel when one is available, else the reference."""
+"""Choose the DCNv3 / DCNv4 implementation per call: a compiled kernel when one is available, else the reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from .reference import check_dcnv3_params, dcnv3_core_reference, dcnv4_core_reference
+from .reference import check_dcnv3_params, check_dcnv4_args, dcnv3_core_reference, dcnv4_core_reference
 
 BACKEND_ENV = "INTERNIMAGE_DCNV3_BACKEND"
 BACKENDS = ("auto", "compiled", "reference")
@@ -124,9 +124,9 @@ def dcnv4_core(
     backend: str | None = None,
 ) -> torch.Tensor:
     """DCNv4 core op (the official argument order without its launch-tuning arguments, channels-last). The math:
-    `dcnv4_core_reference`. backend: as for `dcnv3_core`."""
-    resolve_backend(backend)
-    return dcnv4_core_reference(
+    `dcnv4_core_reference`. backend: as for `dcnv3_core` (the same rules and the same compiled kernel package; a
+    build made before DCNv4 existed leaves it to the reference, after one warning, or raises under "compiled")."""
+    args = (
         input,
         offset_mask,
         kernel_h,
@@ -142,6 +142,25 @@ def dcnv4_core(
         offset_scale,
         remove_center,
     )
+    choice = resolve_backend(backend)
+    if choice != "reference" and not torch.jit.is_scripting() and not _exporting():
+        op = _compiled_op(required=choice == "compiled")
+        if op is not None and choice == "compiled" and not op.has_dcnv4:
+            raise RuntimeError(
+                f"DCNv4 backend 'compiled' was requested but the compiled kernel ({op.source}) was built without "
+                "the DCNv4 op. To fix: rebuild it with `internimage-hf build-kernels`."
+            )
+        if (
+            op is not None
+            and isinstance(offset_mask, torch.Tensor)
+            and op.supports_dcnv4(input)
+            and input.dim() == 4
+            and offset_mask.device == input.device
+        ):
+            # The reference's ValueError/TypeError for every bad argument or shape, before any C++ runs.
+            check_dcnv4_args(*args)
+            return op.dcnv4(*args)
+    return dcnv4_core_reference(*args)
 
 
 def _exporting() -> bool:
@@ -163,21 +182,25 @@ except ImportError:  # pragma: no cover - `kernels` is a dependency; without it 
 
 
 LAYER_NAME = "DCNv3Core"  # the name of the layer in `kernels`' mapping and in the kernel package (`layers.DCNv3Core`)
+DCNV4_LAYER_NAME = "DCNv4Core"  # likewise for DCNv4 (`layers.DCNv4Core`)
 
 
-@use_kernel_forward_from_hub(LAYER_NAME)
-class DCNv3Core(nn.Module):
-    """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels.kernelize`, `from_pretrained(...,
-    use_kernels=True)`); the mapping for cpu and cuda is registered by `internimage_hf.ops.hub` on import.
-
-    The class's `forward` is the pure-PyTorch reference: what `kernels` falls back to and what
-    `from_pretrained(..., use_kernels=False)` runs. A new instance (a model built from a config) dispatches through
-    `dcnv3_core` instead (compiled op if available, `INTERNIMAGE_DCNV3_BACKEND`), until `kernelize` replaces or
-    resets its forward (the instance attribute `forward`, the way `kernels` swaps layers)."""
+class _DispatchingCore(nn.Module):
+    """A stateless core whose class `forward` is the pure-PyTorch reference (what `kernels` falls back to and what
+    `from_pretrained(..., use_kernels=False)` runs) and whose new instances dispatch through the op's dispatcher
+    (`_dispatch_forward`: compiled op if available, `INTERNIMAGE_DCNV3_BACKEND`) until `kernelize` replaces or resets
+    their forward (the instance attribute `forward`, the way `kernels` swaps layers)."""
 
     def __init__(self):
         super().__init__()
         self.forward = self._dispatch_forward
+
+
+@use_kernel_forward_from_hub(LAYER_NAME)
+class DCNv3Core(_DispatchingCore):
+    """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels.kernelize`, `from_pretrained(...,
+    use_kernels=True)`); the mapping for cpu and cuda is registered by `internimage_hf.ops.hub` on import. Class
+    forward: `dcnv3_core_reference`; instances: `dcnv3_core` (see `_DispatchingCore`)."""
 
     def forward(
         self,
@@ -256,11 +279,46 @@ class DCNv3Core(nn.Module):
         )
 
 
-class DCNv4Core(nn.Module):
-    """Stateless DCNv4 core: the unit a model layer calls (placeholder until the kernel branch's Hub-kernel layer
-    lands; it only forwards to `dcnv4_core`)."""
+@use_kernel_forward_from_hub(DCNV4_LAYER_NAME)
+class DCNv4Core(_DispatchingCore):
+    """Stateless DCNv4 core, swapped by `kernels` like `DCNv3Core` (mapping "DCNv4Core" for cpu and cuda, registered
+    by `internimage_hf.ops.hub`). Class forward: `dcnv4_core_reference`; instances: `dcnv4_core`."""
 
     def forward(
+        self,
+        input: torch.Tensor,
+        offset_mask: torch.Tensor,
+        kernel_h: int,
+        kernel_w: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: int,
+    ) -> torch.Tensor:
+        return dcnv4_core_reference(
+            input,
+            offset_mask,
+            kernel_h,
+            kernel_w,
+            stride_h,
+            stride_w,
+            pad_h,
+            pad_w,
+            dilation_h,
+            dilation_w,
+            group,
+            group_channels,
+            offset_scale,
+            remove_center,
+        )
+
+    def _dispatch_forward(
         self,
         input: torch.Tensor,
         offset_mask: torch.Tensor,
@@ -296,10 +354,10 @@ class DCNv4Core(nn.Module):
 
 
 def use_reference(model: nn.Module) -> nn.Module:
-    """Every `DCNv3Core` of `model` back on its class forward, the pure-PyTorch reference (what
+    """Every `DCNv3Core` and `DCNv4Core` of `model` back on its class forward, the pure-PyTorch reference (what
     `from_pretrained(..., use_kernels=False)` does); returns `model`."""
     for module in model.modules():
-        if isinstance(module, DCNv3Core):
+        if isinstance(module, _DispatchingCore):
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_kernel_repo", None)
     return model

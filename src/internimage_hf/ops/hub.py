@@ -1,10 +1,12 @@
-"""DCNv3 as a Hub-kernel layer: the `kernels` mapping for `DCNv3Core` (cpu and cuda), registered on import.
+"""DCNv3 and DCNv4 as Hub-kernel layers: the `kernels` mappings for `DCNv3Core` and `DCNv4Core` (cpu and cuda),
+registered on import.
 
-`dispatch.DCNv3Core` is decorated with `use_kernel_forward_from_hub("DCNv3Core")`, so `kernels.kernelize(model,
-device=..., mode=...)` and `AutoModel*.from_pretrained(..., use_kernels=True)` (transformers' default from 5.25) look
-its layer up in `kernels`' global mapping. `register()` puts one `DCNv3LayerRepository` per device there. Registering
-reads no file and makes no request: the repository decides on its first `load()` (the first `kernelize`), in the
-order of `loader.py`:
+`dispatch.DCNv3Core` / `dispatch.DCNv4Core` are decorated with `use_kernel_forward_from_hub("DCNv3Core")` /
+`("DCNv4Core")`, so `kernels.kernelize(model, device=..., mode=...)` and `AutoModel*.from_pretrained(...,
+use_kernels=True)` (transformers' default from 5.25) look their layers up in `kernels`' global mapping. `register()`
+puts one `CoreLayerRepository` per layer and device there. Registering reads no file and makes no request: the
+repository decides on its first `load()` (the first `kernelize`), in the order of `loader.py` (both layers come
+from the same kernel package, `layers.DCNv3Core` and `layers.DCNv4Core`):
 
 1. the Hub kernel, only if $INTERNIMAGE_DCNV3_KERNEL_REPO names one (a `kernels.LayerRepository`, trusted because
    you named it; $INTERNIMAGE_DCNV3_KERNEL_VERSION / _REVISION as for the loader);
@@ -18,9 +20,10 @@ architecture, corrupt library: `kernels` and transformers catch only FileNotFoun
 INTERNIMAGE_DCNV3_BACKEND=compiled, where it is the same RuntimeError a forward gives. With
 INTERNIMAGE_DCNV3_BACKEND=reference it returns the reference layer without a warning.
 
-The layer swapped in (`guarded_layer`) runs the kernel package's own `layers.DCNv3Core.forward` for the inputs the
-kernel supports (the same op and arguments as `dcnv3_core`'s compiled path) and the reference for the rest (float16
-on the CPU, a device the build lacks, export), like the dispatcher.
+The layer swapped in (`guarded_layer`) runs the kernel package's own `layers.<name>.forward` for the inputs the
+kernel supports (the same op and arguments as the dispatcher's compiled path) and the reference for the rest
+(float16 on the CPU, a device the build lacks, export), like the dispatcher. A kernel package older than DCNv4 has no
+`layers.DCNv4Core`: that layer then degrades like any other kernel fault (one warning, the reference).
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .compiled import CompiledDCNv3, DCNv3KernelWarning
-from .dispatch import LAYER_NAME, DCNv3Core, _exporting, resolve_backend
+from .dispatch import DCNV4_LAYER_NAME, LAYER_NAME, DCNv3Core, DCNv4Core, _exporting, resolve_backend
 from .loader import (
     FIX_HINT,
     REPO_ENV,
@@ -46,134 +51,115 @@ from .loader import (
     local_build_problem,
     local_build_variants,
 )
-from .reference import dcnv3_core_reference
+from .reference import dcnv3_core_reference, dcnv4_core_reference
 
 DEVICES = ("cpu", "cuda")
 
 
-class ReferenceDCNv3Core(nn.Module):
+@dataclass(frozen=True)
+class CoreLayer:
+    """What differs between the swappable cores: the layer's name (in `kernels`' mapping and in the kernel package's
+    `layers`), internimage_hf's layer (whose class forward signature is the contract), the reference function, and
+    whether a loaded kernel package has the op at all."""
+
+    name: str
+    core: type[nn.Module]
+    reference: Callable[..., torch.Tensor]
+    available: Callable[[CompiledDCNv3], bool]
+
+
+CORE_LAYERS = {
+    LAYER_NAME: CoreLayer(LAYER_NAME, DCNv3Core, dcnv3_core_reference, lambda op: True),
+    DCNV4_LAYER_NAME: CoreLayer(DCNV4_LAYER_NAME, DCNv4Core, dcnv4_core_reference, lambda op: op.has_dcnv4),
+}
+
+
+def _input_of(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs.get("input")
+
+
+def _with_signature(forward, layer: CoreLayer):
+    """`forward(self, *args, **kwargs)` presented with the signature of the layer's forward (what `kernels` compares
+    when it swaps a layer in)."""
+    forward.__signature__ = inspect.signature(layer.core.forward)
+    return forward
+
+
+def reference_layer(layer: CoreLayer) -> type[nn.Module]:
     """The layer `kernelize` gets when no kernel can be used: the pure-PyTorch reference (stateless, like a Hub
     layer, so that `kernels` accepts it)."""
 
-    has_backward = True
-    can_torch_compile = True
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return layer.reference(*args, **kwargs)
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        offset: torch.Tensor,
-        mask: torch.Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: int,
-        mask_softmax: bool = False,
-    ) -> torch.Tensor:
-        return dcnv3_core_reference(
-            input,
-            offset,
-            mask,
-            kernel_h,
-            kernel_w,
-            stride_h,
-            stride_w,
-            pad_h,
-            pad_w,
-            dilation_h,
-            dilation_w,
-            group,
-            group_channels,
-            offset_scale,
-            remove_center,
-            mask_softmax,
-        )
+    cls = type(
+        f"Reference{layer.name}",
+        (nn.Module,),
+        {"forward": _with_signature(forward, layer), "has_backward": True, "can_torch_compile": True},
+    )
+    cls.__module__ = __name__
+    return cls
 
 
-def guarded_layer(kernel_layer: type[nn.Module], source: str) -> type[nn.Module]:
-    """A stateless layer that runs `kernel_layer` (a kernel package's `layers.DCNv3Core`) where its package
-    supports the input, else the reference. Raises if `kernel_layer` is not a DCNv3 layer of this signature."""
+ReferenceDCNv3Core = reference_layer(CORE_LAYERS[LAYER_NAME])
+ReferenceDCNv4Core = reference_layer(CORE_LAYERS[DCNV4_LAYER_NAME])
+REFERENCE_LAYERS = {LAYER_NAME: ReferenceDCNv3Core, DCNV4_LAYER_NAME: ReferenceDCNv4Core}
+
+
+def guarded_layer(kernel_layer: type[nn.Module], source: str, layer_name: str = LAYER_NAME) -> type[nn.Module]:
+    """A stateless layer that runs `kernel_layer` (a kernel package's `layers.<layer_name>`) where its package
+    supports the input, else the reference. Raises if `kernel_layer` does not take the arguments of internimage_hf's
+    layer or its package lacks the op."""
+    layer = CORE_LAYERS[layer_name]
     package = sys.modules.get(kernel_layer.__module__.rpartition(".")[0])
     if package is None:
         raise ImportError(f"{source}: the package of {kernel_layer.__module__} is not imported")
     op = CompiledDCNv3(package, source=source)  # checks the package's interface; warns once per missing device
-    expected = list(inspect.signature(DCNv3Core.forward).parameters)
+    if not layer.available(op):
+        raise ImportError(f"{source} has no {layer_name} op (built before it existed)")
+    expected = list(inspect.signature(layer.core.forward).parameters)
     if list(inspect.signature(kernel_layer.forward).parameters) != expected:
-        raise TypeError(f"{source}: `{LAYER_NAME}.forward` does not take the arguments of internimage_hf's layer")
+        raise TypeError(f"{source}: `{layer_name}.forward` does not take the arguments of internimage_hf's layer")
     kernel_forward = kernel_layer.forward
+    reference = layer.reference
 
-    class DCNv3CoreKernel(nn.Module):
-        has_backward = bool(getattr(kernel_layer, "has_backward", True))
-        can_torch_compile = bool(getattr(kernel_layer, "can_torch_compile", False))
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        input = _input_of(args, kwargs)
+        if (
+            not torch.jit.is_scripting()
+            and not _exporting()
+            and isinstance(input, torch.Tensor)
+            and input.dim() == 4
+            # every tensor argument (offset and mask, or offset_mask) on the input's device
+            and all(a.device == input.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            and op.supports(input)
+        ):
+            return kernel_forward(self, *args, **kwargs)
+        return reference(*args, **kwargs)
 
-        def forward(
-            self,
-            input: torch.Tensor,
-            offset: torch.Tensor,
-            mask: torch.Tensor,
-            kernel_h: int,
-            kernel_w: int,
-            stride_h: int,
-            stride_w: int,
-            pad_h: int,
-            pad_w: int,
-            dilation_h: int,
-            dilation_w: int,
-            group: int,
-            group_channels: int,
-            offset_scale: float,
-            remove_center: int,
-            mask_softmax: bool = False,
-        ) -> torch.Tensor:
-            args = (
-                input,
-                offset,
-                mask,
-                kernel_h,
-                kernel_w,
-                stride_h,
-                stride_w,
-                pad_h,
-                pad_w,
-                dilation_h,
-                dilation_w,
-                group,
-                group_channels,
-                offset_scale,
-                remove_center,
-                mask_softmax,
-            )
-            if (
-                not torch.jit.is_scripting()
-                and not _exporting()
-                and input.dim() == 4
-                and offset.device == input.device
-                and mask.device == input.device
-                and op.supports(input)
-            ):
-                return kernel_forward(self, *args)
-            return dcnv3_core_reference(*args)
-
-    DCNv3CoreKernel.__qualname__ = DCNv3CoreKernel.__name__
-    return DCNv3CoreKernel
+    cls = type(
+        f"{layer_name}Kernel",
+        (nn.Module,),
+        {
+            "forward": _with_signature(forward, layer),
+            "has_backward": bool(getattr(kernel_layer, "has_backward", True)),
+            "can_torch_compile": bool(getattr(kernel_layer, "can_torch_compile", False)),
+        },
+    )
+    cls.__module__ = __name__
+    return cls
 
 
-class DCNv3LayerRepository:
-    """What the `kernels` mapping holds for `DCNv3Core` on one device type (see the module docstring).
+class CoreLayerRepository:
+    """What the `kernels` mapping holds for one core layer (`DCNv3Core` or `DCNv4Core`) on one device type (see the
+    module docstring).
 
     Implements kernels' repository protocol (`layer_name`, `load()`). The decision is made once (on the first
     `load`) and kept until `loader._reset()`; `source` and `problems` say what was decided."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, layer_name: str = LAYER_NAME):
         self.device = device
-        self.layer_name = LAYER_NAME
+        self.layer_name = layer_name
         self._lock = threading.Lock()
         self._layer: type[nn.Module] | None = None
         self.source: str | None = None  # None: the reference
@@ -188,6 +174,9 @@ class DCNv3LayerRepository:
     def _decide(self) -> type[nn.Module]:
         import kernels
 
+        name = self.layer_name
+        what = name.removesuffix("Core")  # DCNv3 / DCNv4, in messages
+        reference = REFERENCE_LAYERS[name]
         problems: list[str] = []
         self.source, self.problems = None, problems
         try:
@@ -196,7 +185,7 @@ class DCNv3LayerRepository:
             problems.append(str(err))
             choice = "auto"
         if choice == "reference":
-            return ReferenceDCNv3Core
+            return reference
 
         repo_id = os.environ.get(REPO_ENV, "").strip()
         if repo_id:
@@ -205,9 +194,9 @@ class DCNv3LayerRepository:
                 version = None if revision else int(os.environ.get(VERSION_ENV, "1"))
                 source = f"Hub kernel {repo_id} ({f'revision {revision}' if revision else f'version {version}'})"
                 repo = kernels.LayerRepository(
-                    repo_id, layer_name=LAYER_NAME, revision=revision, version=version, trust_remote_code=[repo_id]
+                    repo_id, layer_name=name, revision=revision, version=version, trust_remote_code=[repo_id]
                 )
-                return self._accept(guarded_layer(repo.load(), source), source)
+                return self._accept(guarded_layer(repo.load(), source, name), source)
             except Exception as err:  # offline, unreachable, untrusted, digest mismatch, wrong GPU architecture...
                 problems.append(f"the Hub kernel {repo_id} could not be loaded ({type(err).__name__}: {err})")
 
@@ -217,29 +206,30 @@ class DCNv3LayerRepository:
         if variants and all(problem is None for _, problem in checked):
             source = f"local build {root}"
             try:
-                repo = kernels.LocalLayerRepository(repo_path=Path(root), layer_name=LAYER_NAME)
-                return self._accept(guarded_layer(repo.load(), source), source)
+                repo = kernels.LocalLayerRepository(repo_path=Path(root), layer_name=name)
+                return self._accept(guarded_layer(repo.load(), source, name), source)
             except Exception as err:  # no variant kernels accepts, ABI mismatch, wrong GPU architecture...
                 problems.append(f"the kernel build in {root} could not be loaded ({type(err).__name__}: {err})")
 
         if choice == "compiled":
             raise RuntimeError(
-                f"DCNv3 backend 'compiled' was requested but no compiled kernel layer is available for "
+                f"{what} backend 'compiled' was requested but no compiled kernel layer is available for "
                 f"{self.device}: {'; '.join(problems)}. To fix: build the kernel with `internimage-hf build-kernels` "
                 "(needs a C++ compiler; add --cuda for GPUs)."
             )
         warnings.warn(
-            f"DCNv3 layers kernelized for {self.device} run the pure-PyTorch reference (slow): {'; '.join(problems)}. "
-            f"To fix: {FIX_HINT}.",
+            f"{what} layers kernelized for {self.device} run the pure-PyTorch reference (slow): "
+            f"{'; '.join(problems)}. To fix: {FIX_HINT}.",
             DCNv3KernelWarning,
             stacklevel=2,
         )
-        return ReferenceDCNv3Core
+        return reference
 
     def _accept(self, layer: type[nn.Module], source: str) -> type[nn.Module]:
         self.source = source
         if self.problems:  # e.g. the configured Hub kernel failed but the local build works
-            warnings.warn(f"DCNv3 layers use {source}: {'; '.join(self.problems)}.", DCNv3KernelWarning, stacklevel=3)
+            what = self.layer_name.removesuffix("Core")
+            warnings.warn(f"{what} layers use {source}: {'; '.join(self.problems)}.", DCNv3KernelWarning, stacklevel=3)
         return layer
 
     def _forget(self) -> None:
@@ -247,35 +237,41 @@ class DCNv3LayerRepository:
             self._layer, self.source, self.problems = None, None, []
 
     def __str__(self) -> str:
-        return f"internimage_hf DCNv3 kernel layer for {self.device} ({self.source or 'undecided or reference'})"
+        decided = self.source or "undecided or reference"
+        return f"internimage_hf {self.layer_name} kernel layer for {self.device} ({decided})"
 
-    # One repository per device and process: `kernels.use_kernel_mapping` deep-copies the mapping it inherits, and
-    # a copy must keep the decision (and kernels' cache key), so copies are the object itself.
-    def __copy__(self) -> DCNv3LayerRepository:
+    # One repository per layer, device and process: `kernels.use_kernel_mapping` deep-copies the mapping it inherits,
+    # and a copy must keep the decision (and kernels' cache key), so copies are the object itself.
+    def __copy__(self) -> CoreLayerRepository:
         return self
 
-    def __deepcopy__(self, memo) -> DCNv3LayerRepository:
+    def __deepcopy__(self, memo) -> CoreLayerRepository:
         return self
 
     def __reduce__(self):
-        return _repository, (self.device,)
+        return _repository, (self.device, self.layer_name)
 
 
-def _repository(device: str) -> DCNv3LayerRepository:
-    return REPOSITORIES[device]
+DCNv3LayerRepository = CoreLayerRepository  # the name before DCNv4 existed
 
 
-REPOSITORIES = {device: DCNv3LayerRepository(device) for device in DEVICES}
+def _repository(device: str, layer_name: str = LAYER_NAME) -> CoreLayerRepository:
+    return LAYER_REPOSITORIES[layer_name][device]
+
+
+LAYER_REPOSITORIES = {name: {device: CoreLayerRepository(device, name) for device in DEVICES} for name in CORE_LAYERS}
+REPOSITORIES = LAYER_REPOSITORIES[LAYER_NAME]  # DCNv3Core's, by device
+DCNV4_REPOSITORIES = LAYER_REPOSITORIES[DCNV4_LAYER_NAME]
 
 
 def kernel_mapping() -> dict:
-    """The mapping registered for `DCNv3Core`: {"DCNv3Core": {"cpu": repository, "cuda": repository}}."""
-    return {LAYER_NAME: dict(REPOSITORIES)}
+    """The mappings registered: {"DCNv3Core": {"cpu": repository, "cuda": repository}, "DCNv4Core": {...}}."""
+    return {name: dict(repos) for name, repos in LAYER_REPOSITORIES.items()}
 
 
 def register() -> bool:
-    """Add the DCNv3 mapping to `kernels`' global mapping (on import of internimage_hf.ops). False if `kernels` is
-    missing or refuses it (the layer then stays on its own forward)."""
+    """Add the DCNv3 and DCNv4 mappings to `kernels`' global mapping (on import of internimage_hf.ops). False if
+    `kernels` is missing or refuses it (the layers then stay on their own forward)."""
     try:
         from kernels import register_kernel_mapping
 
@@ -285,9 +281,13 @@ def register() -> bool:
     return True
 
 
+def _all_repositories() -> list[CoreLayerRepository]:
+    return [repo for repos in LAYER_REPOSITORIES.values() for repo in repos.values()]
+
+
 def _reset() -> None:
     """Forget the decisions (and the layers `kernels` cached for our repositories)."""
-    for repo in REPOSITORIES.values():
+    for repo in _all_repositories():
         repo._forget()
     try:
         import kernels
@@ -296,11 +296,21 @@ def _reset() -> None:
     except Exception:  # kernels missing or reorganised
         return
     if isinstance(cache, dict):
-        for repo in REPOSITORIES.values():
+        for repo in _all_repositories():
             cache.pop(repo, None)
 
 
 RESET_HOOKS.append(_reset)
 
 
-__all__ = ["DCNv3LayerRepository", "ReferenceDCNv3Core", "guarded_layer", "kernel_mapping", "register"]
+__all__ = [
+    "CORE_LAYERS",
+    "CoreLayerRepository",
+    "DCNv3LayerRepository",
+    "ReferenceDCNv3Core",
+    "ReferenceDCNv4Core",
+    "guarded_layer",
+    "kernel_mapping",
+    "reference_layer",
+    "register",
+]
