@@ -25,6 +25,7 @@ from transformers import AutoBackbone, AutoModelForImageClassification, pipeline
 from internimage_hf import InternImageConfig
 from internimage_hf.cli import main as cli_main
 from internimage_hf.modeling_internimage import InternImageDCNv4
+from internimage_hf.ops import loader
 from internimage_hf.utils import relative_error
 
 from . import test_modeling_internimage as _common
@@ -66,15 +67,36 @@ def converted(request, tmp_path_factory) -> tuple[str, Path]:
     return case, out
 
 
+@pytest.fixture(params=["reference", "compiled"])
+def backend(request, monkeypatch):
+    """Both DCNv4 paths: the compiled kernel must match the fixtures as the reference does."""
+    if request.param == "compiled":
+        request.getfixturevalue("use_kernel")
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_BACKEND", request.param)
+    loader._reset()  # the kernel mappings decide afresh (an earlier test may have decided under another backend)
+    yield request.param
+    loader._reset()
+
+
+def dcnv4_kind(model) -> str:
+    """What the model's DCNv4 cores run: "kernel" (a kernelized compiled layer) or "reference"."""
+    core = model.internimage.encoder.levels[0].layers[0].dcn.core
+    forward = core.__dict__.get("forward")
+    name = getattr(getattr(forward, "__func__", None), "__qualname__", "")
+    return "kernel" if "guarded_layer" in name or name.endswith("_dispatch_forward") else "reference"
+
+
 @cache
-def run(case: str, folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Logits and hidden states (classifier) and the four feature maps (backbone), in `dtype`, on the fixture input."""
+def run(case: str, folder: Path, dtype: torch.dtype, backend: str) -> dict[str, torch.Tensor]:
+    """Logits and hidden states (classifier) and the four feature maps (backbone), in `dtype`, on the fixture input,
+    with the DCNv4 layers on `backend`."""
     pixel_values = official_outputs(case)[1]["pixel_values"].to(dtype)
     model = AutoModelForImageClassification.from_pretrained(folder).eval().to(dtype)
     backbone = AutoBackbone.from_pretrained(folder, out_features=STAGES).eval().to(dtype)
     assert type(model).__name__ == "InternImageForImageClassification"
     assert type(backbone).__name__ == "InternImageBackbone"
     assert isinstance(model.internimage.encoder.levels[0].layers[0].dcn, InternImageDCNv4)
+    assert dcnv4_kind(model) == ("kernel" if backend == "compiled" else "reference")
     with torch.no_grad():
         outputs = model(pixel_values, output_hidden_states=True)
         maps = backbone(pixel_values).feature_maps
@@ -98,22 +120,22 @@ def test_converted_config_and_parameter_count(converted):
     assert len(model.state_dict()) == len(torch.load(case_dir(case) / "checkpoint.pth", weights_only=True)["model"])
 
 
-def test_float64_matches_official_float64(converted):
+def test_float64_matches_official_float64(converted, backend):
     """Float64 in, float64 out: within 1e-10 of the official model run in float64 (logits and all four stages)."""
     case, folder = converted
     expected = official_outputs(case)[1]
-    outputs = run(case, folder, torch.float64)
+    outputs = run(case, folder, torch.float64, backend)
     for name in OUTPUTS:
         assert outputs[name].dtype == torch.float64 and outputs[name].shape == expected[name].shape, name
     errors = {name: relative_error(outputs[name], expected[name]) for name in OUTPUTS}
     assert max(errors.values()) < FLOAT64_TOLERANCE, errors
 
 
-def test_float32_within_official_float32_noise(converted):
+def test_float32_within_official_float32_noise(converted, backend):
     """Float32 is no further from the float64 reference than FLOAT32_FACTOR x the official float32 output is."""
     case, folder = converted
     expected32, expected64 = official_outputs(case)
-    outputs = run(case, folder, torch.float32)
+    outputs = run(case, folder, torch.float32, backend)
     for name in OUTPUTS:
         assert outputs[name].dtype == torch.float32 and outputs[name].shape == expected64[name].shape, name
         official = relative_error(expected32[name], expected64[name])
@@ -122,9 +144,9 @@ def test_float32_within_official_float32_noise(converted):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_backbone_stages_equal_the_classifier_hidden_states(converted, dtype):
+def test_backbone_stages_equal_the_classifier_hidden_states(converted, dtype, backend):
     """AutoBackbone and the classifier run the same trunk: the same stage tensors, bit for bit."""
-    outputs = run(*converted, dtype)
+    outputs = run(*converted, dtype, backend)
     for name in STAGES:
         assert torch.equal(outputs[name], outputs[f"classifier_{name}"]), name
 

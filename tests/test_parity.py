@@ -23,6 +23,7 @@ from internimage_hf import InternImageBackbone
 from internimage_hf.cli import main as cli_main
 from internimage_hf.conversion.pipeline import model_from_official
 from internimage_hf.conversion.source import read_official_config
+from internimage_hf.ops import loader
 
 from .conftest import FIXTURES, MODEL_CASES, rel_err
 
@@ -67,7 +68,9 @@ def backend(request, monkeypatch):
     if request.param == "compiled":
         request.getfixturevalue("use_kernel")
     monkeypatch.setenv("INTERNIMAGE_DCNV3_BACKEND", request.param)
-    return request.param
+    loader._reset()  # the kernel mappings decide afresh (an earlier test may have decided under another backend)
+    yield request.param
+    loader._reset()
 
 
 @dataclass(frozen=True)
