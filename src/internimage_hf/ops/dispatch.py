@@ -191,9 +191,15 @@ class _DispatchingCore(nn.Module):
     (`_dispatch_forward`: compiled op if available, `INTERNIMAGE_DCNV3_BACKEND`) until `kernelize` replaces or resets
     their forward (the instance attribute `forward`, the way `kernels` swaps layers)."""
 
+    _dispatcher = None  # the op's dispatcher (`dcnv3_core`, `dcnv4_core`), set by each core
+
     def __init__(self):
         super().__init__()
         self.forward = self._dispatch_forward
+
+    def _dispatch_forward(self, *args, **kwargs) -> torch.Tensor:
+        """The instance forward of a new core: the class forward's arguments, to the op's dispatcher."""
+        return self._dispatcher(*args, **kwargs)
 
 
 @use_kernel_forward_from_hub(LAYER_NAME)
@@ -201,6 +207,8 @@ class DCNv3Core(_DispatchingCore):
     """Stateless DCNv3 core, the unit a Hub kernel layer replaces (`kernels.kernelize`, `from_pretrained(...,
     use_kernels=True)`); the mapping for cpu and cuda is registered by `internimage_hf.ops.hub` on import. Class
     forward: `dcnv3_core_reference`; instances: `dcnv3_core` (see `_DispatchingCore`)."""
+
+    _dispatcher = staticmethod(dcnv3_core)
 
     def forward(
         self,
@@ -240,49 +248,13 @@ class DCNv3Core(_DispatchingCore):
             mask_softmax,
         )
 
-    def _dispatch_forward(
-        self,
-        input: torch.Tensor,
-        offset: torch.Tensor,
-        mask: torch.Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: int,
-        mask_softmax: bool = False,
-    ) -> torch.Tensor:
-        return dcnv3_core(
-            input,
-            offset,
-            mask,
-            kernel_h,
-            kernel_w,
-            stride_h,
-            stride_w,
-            pad_h,
-            pad_w,
-            dilation_h,
-            dilation_w,
-            group,
-            group_channels,
-            offset_scale,
-            remove_center,
-            mask_softmax,
-        )
-
 
 @use_kernel_forward_from_hub(DCNV4_LAYER_NAME)
 class DCNv4Core(_DispatchingCore):
     """Stateless DCNv4 core, swapped by `kernels` like `DCNv3Core` (mapping "DCNv4Core" for cpu and cuda, registered
     by `internimage_hf.ops.hub`). Class forward: `dcnv4_core_reference`; instances: `dcnv4_core`."""
+
+    _dispatcher = staticmethod(dcnv4_core)
 
     def forward(
         self,
@@ -302,40 +274,6 @@ class DCNv4Core(_DispatchingCore):
         remove_center: int,
     ) -> torch.Tensor:
         return dcnv4_core_reference(
-            input,
-            offset_mask,
-            kernel_h,
-            kernel_w,
-            stride_h,
-            stride_w,
-            pad_h,
-            pad_w,
-            dilation_h,
-            dilation_w,
-            group,
-            group_channels,
-            offset_scale,
-            remove_center,
-        )
-
-    def _dispatch_forward(
-        self,
-        input: torch.Tensor,
-        offset_mask: torch.Tensor,
-        kernel_h: int,
-        kernel_w: int,
-        stride_h: int,
-        stride_w: int,
-        pad_h: int,
-        pad_w: int,
-        dilation_h: int,
-        dilation_w: int,
-        group: int,
-        group_channels: int,
-        offset_scale: float,
-        remove_center: int,
-    ) -> torch.Tensor:
-        return dcnv4_core(
             input,
             offset_mask,
             kernel_h,
