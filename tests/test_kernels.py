@@ -398,7 +398,9 @@ def test_backend_switching(use_kernel, monkeypatch):
     ref = dcnv3_core_reference(x, offset, mask, *args)
     calls = []
     original = loader.CompiledDCNv3.__call__
-    monkeypatch.setattr(loader.CompiledDCNv3, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        loader.CompiledDCNv3, "__call__", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw)
+    )
     outs = {b: dcnv3_core(x, offset, mask, *args, backend=b) for b in ("auto", "compiled", "reference")}
     assert len(calls) == 2  # auto and compiled used the kernel, reference did not
     for out in outs.values():

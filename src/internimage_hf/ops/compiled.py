@@ -98,47 +98,14 @@ class CompiledDCNv3:
             return False
         return self.supports(input)
 
-    def __call__(
-        self,
-        input,
-        offset,
-        mask,
-        kernel_h,
-        kernel_w,
-        stride_h,
-        stride_w,
-        pad_h,
-        pad_w,
-        dilation_h,
-        dilation_w,
-        group,
-        group_channels,
-        offset_scale,
-        remove_center,
-        mask_softmax=False,
-    ) -> torch.Tensor:
-        args = (
-            input,
-            offset,
-            mask,
-            kernel_h,
-            kernel_w,
-            stride_h,
-            stride_w,
-            pad_h,
-            pad_w,
-            dilation_h,
-            dilation_w,
-            group,
-            group_channels,
-            offset_scale,
-            remove_center,
-        )
+    def __call__(self, *args, mask_softmax: bool = False) -> torch.Tensor:
+        """The DCNv3 op on `dcnv3_core`'s positional arguments (input, offset, mask, ..., remove_center)."""
         if not mask_softmax:
             return self._core(*args)
         if self.fuses_mask_softmax:
             return self._core(*args, True)
-        return self._core(input, offset, point_softmax(mask, group), *args[3:])
+        input, offset, mask, *params = args  # a build without the fused softmax: softmax in PyTorch first
+        return self._core(input, offset, point_softmax(mask, params[8]), *params)
 
     def __repr__(self) -> str:
         return f"CompiledDCNv3(source={self.source!r}, backends={self.backends})"

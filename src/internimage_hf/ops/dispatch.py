@@ -102,7 +102,7 @@ def dcnv3_core(
                 offset_scale,
                 remove_center,
             )
-            return op(*args)
+            return op(*args[:-1], mask_softmax=mask_softmax)
     return dcnv3_core_reference(*args)
 
 
