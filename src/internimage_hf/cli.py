@@ -254,10 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--variant",
-        help="official variant: t, s, b, l, xl, h, g (default: detected from the weights; "
-        "if both are known they must agree)",
+        help="official variant: t, s, b, l, xl, h, g; FlashInternImage flash_t, flash_s, flash_b, flash_l "
+        "(default: detected from the weights; if both are known they must agree)",
     )
-    which.add_argument("--official-config", help="JSON file of official InternImage(...) keyword arguments")
+    which.add_argument(
+        "--official-config", help="JSON file of official InternImage(...) / FlashInternImage(...) keyword arguments"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument(
         "--trust-pickle",
