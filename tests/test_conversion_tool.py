@@ -84,7 +84,7 @@ def official_name(ours: str, clip: bool) -> str:
     return key
 
 
-def meta_model(variant: str, num_labels: int):
+def meta_model(variant: str, num_labels: int = 1000):
     with torch.device("meta"):
         return InternImageForImageClassification(InternImageConfig.from_variant(variant, num_labels=num_labels))
 

@@ -4,22 +4,23 @@ releases (real-size state dicts on the meta device), the manifest, the model car
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from internimage_hf import InternImageConfig, InternImageForImageClassification
+from internimage_hf import InternImageConfig
 from internimage_hf.cli import main as cli_main
 from internimage_hf.configuration_internimage import FLASH_VARIANTS, variant_key
 from internimage_hf.conversion.batch import resolve_source
 from internimage_hf.conversion.card import render_card
 from internimage_hf.conversion.detect import architecture_from_state_dict, match_variant
-from internimage_hf.conversion.keys import convert_official_state_dict, rename_official_key
+from internimage_hf.conversion.keys import convert_official_state_dict
 from internimage_hf.conversion.pipeline import SourceInfo, Verification, card_facts, plan_conversion
 from internimage_hf.conversion.releases import FLASH_RELEASES, RELEASES_BY_NAME, load_manifest
 from internimage_hf.labels import imagenet_labels
+
+from .test_conversion_tool import meta_model, official_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FLASH_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "flash"
@@ -32,43 +33,6 @@ OFFICIAL_FIGURES = {
     "flash_b": (84.9, "97M"),
     "flash_l": (88.1, "223M"),
 }
-
-# Test-only inverse of the library's mapping for the names a FlashInternImage model has (the round trip through
-# `rename_official_key` is checked for every key).
-_INVERSE = [
-    (re.compile(p), r)
-    for p, r in [
-        (r"^internimage\.", ""),
-        (r"^embeddings\.conv([12])\.", r"patch_embed.conv\1."),
-        (r"^embeddings\.norm([12])\.", r"patch_embed.norm\1.1."),
-        (r"^encoder\.levels\.(\d+)\.layers\.(\d+)\.", r"levels.\1.blocks.\2."),
-        (r"(\.blocks\.\d+)\.norm([12])\.", r"\1.norm\2.0."),
-        (r"\.layer_scale([12])$", r".gamma\1"),
-        (r"^encoder\.levels\.(\d+)\.norm\.", r"levels.\1.norm.0."),
-        (r"^encoder\.levels\.(\d+)\.downsample\.conv\.", r"levels.\1.downsample.conv."),
-        (r"^encoder\.levels\.(\d+)\.downsample\.norm\.", r"levels.\1.downsample.norm.1."),
-        (r"^pooler\.conv\.", "conv_head.0."),
-        (r"^pooler\.norm\.", "conv_head.1.0."),
-        (r"^classifier\.", "head."),
-    ]
-]
-
-
-def official_state_dict(model) -> dict:
-    """The model's state dict under the official FlashInternImage `.pth` names (meta tensors)."""
-    state = {}
-    for ours, tensor in model.state_dict().items():
-        name = ours
-        for pattern, replacement in _INVERSE:
-            name = pattern.sub(replacement, name)
-        assert rename_official_key(name) == ours, (ours, name)
-        state[name] = tensor
-    return state
-
-
-def meta_model(variant: str, num_labels: int = 1000):
-    with torch.device("meta"):
-        return InternImageForImageClassification(InternImageConfig.from_variant(variant, num_labels=num_labels))
 
 
 def fixture(case: str) -> tuple[Path, Path]:
