@@ -6,6 +6,10 @@ ConvNeXt-T measured in the same run.
 
     python bench/throughput.py --quick                      # a few minutes on a 2-core CPU
     python bench/throughput.py --models internimage-t convnext-t swin-t --batch 1 8 --dtype float32 bfloat16
+    python bench/throughput.py --quick --impls compiled --models internimage-t convnext-t --compile  # + inductor
+
+`--compile` adds, for every inference case, its `torch.compile` twin (mode "inference-inductor": inductor with
+freezing, warm-up compile timed on its own); ratios of those rows are to compiled ConvNeXt-T.
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class Case:
     peak_mem_mb: float | None = None
     error: str | None = None
     steps: int = 1  # steps per timed repeat (see timed)
+    compile_s: float | None = None  # inductor cases: seconds of the first call (compilation included)
 
     def context(self):
         """Backend selection for InternImage; bf16 runs use CPU/GPU autocast."""
@@ -149,7 +154,7 @@ class Case:
 
     def step(self):
         with self.context():
-            if self.mode == "inference":
+            if self.mode != "train":
                 with torch.inference_mode():
                     logits_of(self.module(self.inputs))
             else:
@@ -263,6 +268,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a torch.compile (inductor, freezing) twin of every inference case, mode inference-inductor",
+    )
     p.add_argument("--quick", action="store_true", help="T models only, batch 1 and 8, float32, one warm-up step")
     p.add_argument("--tiny", action="store_true", help="tiny configurations (keeps the script working in tests)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -286,19 +296,40 @@ def parse_args(argv=None):
     return args
 
 
-def prepare_internimage(module: torch.nn.Module, impl: str, mode: str, device: torch.device) -> None:
+def prepare_internimage(
+    module: torch.nn.Module, impl: str, mode: str, device: torch.device, compiling: bool = False
+) -> None:
     """InternImage as users run it: `from_pretrained` kernelizes (transformers >= 5.25; else `kernels.kernelize`),
     which gives the DCNv3 layers the compiled kernel and, on the CPU, the oneDNN Linear/MLP layers. `official`
     stays plain (PyTorch layers, reference op); `reference` and `free-op` keep the CPU layers but put the DCNv3
-    layers on their class forward (the reference, which `_free_dcnv3_op` patches)."""
+    layers on their class forward (the reference, which `_free_dcnv3_op` patches). `compiling` kernelizes for
+    torch.compile (Mode.TORCH_COMPILE: the plain Linear/MLP layers, inductor picks the GEMMs)."""
     from kernels import Mode, kernelize
 
     from internimage_hf.ops import use_reference
 
     if impl != "official":
-        kernelize(module, device=device.type, mode=Mode.TRAINING if mode == "train" else Mode.INFERENCE)
+        kernel_mode = Mode.TRAINING if mode == "train" else Mode.INFERENCE
+        kernelize(module, device=device.type, mode=kernel_mode | Mode.TORCH_COMPILE if compiling else kernel_mode)
     if impl in ("reference", "official", "free-op"):
         use_reference(module)
+
+
+# InternImage keeps its features channels-last (N, H, W, C) between convolutions; inductor's layout optimisation
+# gives every 4-D tensor upstream of a convolution channels-last strides as if dim 1 were channels, which for an
+# (N, H, W, C) tensor puts H innermost: LayerNorm then reduces over strided C and copies transpose around every
+# GEMM (measured 2026-12-07: ~16% slower at 1 thread, compile time x2). ConvNeXt's tensors are (N, C, H, W), where
+# the optimisation is right, so it keeps the default.
+INDUCTOR_OPTIONS = {"internimage": {"layout_optimization": False}}
+
+
+def compile_module(name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` under torch.compile for inference: inductor with freezing (set only inside the bench)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant weights: prepacked GEMM/conv weights, folded constants
+    family = name.rsplit("-", 1)[0].removeprefix("flash-")
+    return torch.compile(module, fullgraph=True, options=INDUCTOR_OPTIONS.get(family))
 
 
 def build_cases(args, device) -> list[Case]:
@@ -314,15 +345,20 @@ def build_cases(args, device) -> list[Case]:
                 batches = args.batch if mode == "inference" else [train_batch]
                 for batch in batches:
                     for dtype in args.dtype:
-                        module = build_model(name, tiny=args.tiny).to(device)
-                        module.train(mode == "train")
-                        if "internimage" in name:
-                            prepare_internimage(module, impl, mode, device)
                         g = torch.Generator().manual_seed(0)
                         inputs = torch.randn(batch, 3, args.size, args.size, generator=g).to(device)
                         labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
-                        opt = torch.optim.AdamW(module.parameters(), lr=1e-5) if mode == "train" else None
-                        cases.append(Case(name, impl, mode, batch, dtype, module, inputs, labels, opt))
+                        runners = ["eager", "inductor"] if args.compile and mode == "inference" else ["eager"]
+                        for runner in runners:
+                            module = build_model(name, tiny=args.tiny).to(device)
+                            module.train(mode == "train")
+                            if "internimage" in name:
+                                prepare_internimage(module, impl, mode, device, compiling=runner == "inductor")
+                            opt = torch.optim.AdamW(module.parameters(), lr=1e-5) if mode == "train" else None
+                            case_mode = mode
+                            if runner == "inductor":
+                                module, case_mode = compile_module(name, module), "inference-inductor"
+                            cases.append(Case(name, impl, case_mode, batch, dtype, module, inputs, labels, opt))
     return cases
 
 
@@ -331,8 +367,13 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = build_cases(args, device)
-    for case in cases:  # warm-up (and kernel loading / autotuning) outside the timed loop
+    for case in cases:  # warm-up (and kernel loading / autotuning, compilation) outside the timed loop
         try:
+            if case.mode == "inference-inductor":
+                begin = time.perf_counter()
+                case.step()
+                sync(device)
+                case.compile_s = time.perf_counter() - begin
             for _ in range(args.warmup):
                 case.step()
             sync(device)
@@ -358,6 +399,7 @@ def run(args) -> dict:
                 "dtype": case.dtype,
                 "img_per_s": (case.batch / median) if median else None,
                 "peak_mem_mb": case.peak_mem_mb,
+                "compile_s": case.compile_s,
                 "error": case.error,
             }
         )
@@ -471,6 +513,26 @@ def impl_ratios(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compile_ratios(result: dict) -> str:
+    """Same-run speed of each inductor case over its eager twin, and its compile time (first call)."""
+    eager = {
+        (r["model"], r["impl"], r["batch"], r["dtype"]): r["img_per_s"]
+        for r in result["rows"]
+        if r["mode"] == "inference" and r["img_per_s"]
+    }
+    lines = []
+    for r in result["rows"]:
+        if r["mode"] != "inference-inductor" or not r["img_per_s"]:
+            continue
+        base = eager.get((r["model"], r["impl"], r["batch"], r["dtype"]))
+        ratio = f"inductor / eager {r['img_per_s'] / base:.2f}×, " if base else ""
+        impl = "" if r["impl"] == "-" else f" ({r['impl']})"
+        lines.append(
+            f"- {r['model']}{impl} batch {r['batch']} {r['dtype']}: {ratio}compile (first call) {r['compile_s']:.0f} s"
+        )
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 
@@ -513,6 +575,9 @@ def main(argv=None) -> int:
     ratios = impl_ratios(result)
     if ratios:
         print("\n" + ratios)
+    compiled = compile_ratios(result)
+    if compiled:
+        print("\n" + compiled)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

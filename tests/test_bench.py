@@ -84,3 +84,33 @@ def test_same_run_ratios_and_the_free_op_bound():
         # free-op models run their DCNv3 layers on the class forward (bench.prepare_internimage)
         assert use_reference(DCNv3Core())(x, None, None, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0) is x
     assert DCNv3Core.forward is forward
+
+
+def test_compile_section_ratios_and_inductor_options(monkeypatch):
+    """--compile rows: inductor over its eager twin with the compile time; InternImage (both families) is compiled
+    without inductor's layout optimisation, ConvNeXt with the defaults."""
+    import torch
+
+    bench = load_bench()
+    row = {"model": "internimage-t", "impl": "compiled", "batch": 8, "dtype": "float32", "compile_s": None}
+    rows = [
+        {**row, "mode": "inference", "img_per_s": 10.0},
+        {**row, "mode": "inference-inductor", "img_per_s": 12.0, "compile_s": 40.2},
+        {**row, "model": "convnext-t", "impl": "-", "mode": "inference-inductor", "img_per_s": 15.0, "compile_s": 9.0},
+    ]
+    text = bench.compile_ratios({"rows": rows})
+    assert "- internimage-t (compiled) batch 8 float32: inductor / eager 1.20×, compile (first call) 40 s" in text
+    assert "- convnext-t batch 8 float32: compile (first call) 9 s" in text
+
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # compile_module sets it
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: seen.setdefault(module, kwargs["options"]))
+    for name in ("internimage-t", "flash-internimage-t", "convnext-t"):
+        bench.compile_module(name, name)
+    assert seen == {
+        "internimage-t": {"layout_optimization": False},
+        "flash-internimage-t": {"layout_optimization": False},
+        "convnext-t": None,
+    }
