@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import _exporting
+
 LINEAR_LAYER = "InternImageLinear"
 MLP_LAYER = "InternImageMLP"
 
@@ -37,11 +39,8 @@ def _onednn_bf16() -> bool:
 
 
 def _tracing() -> bool:
-    """jit tracing, torch.compile / torch.export and ONNX export get the plain ops every tool knows."""
-    compiler = torch.compiler
-    return bool(
-        torch.jit.is_tracing() or compiler.is_compiling() or compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    )
+    """jit tracing, torch.compile and exports (`dispatch._exporting`) get the plain ops every tool knows."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or _exporting())
 
 
 def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:

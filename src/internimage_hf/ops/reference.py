@@ -90,6 +90,37 @@ def check_dcnv3_params(
     return h_out, w_out, points
 
 
+def _check_input_and_params(
+    op: str, tensors: dict[str, torch.Tensor], geometry: tuple, offset_scale: float, remove_center: int
+) -> tuple[int, int, int, int]:
+    """The checks DCNv3 and DCNv4 share: real tensors (`tensors` starts with "input"), a floating-point 4-d
+    channels-last input, one device, valid parameters (`check_dcnv3_params`; geometry = kernel_h ... group_channels)
+    and group * group_channels input channels. Returns (N, H_out, W_out, P)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op} {name} must be a tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise TypeError(f"{op} {name} must be real, got {t.dtype}")
+    input = tensors["input"]
+    if not input.is_floating_point():  # (the other tensors are cast to the compute dtype, as the compiled op does)
+        raise TypeError(f"{op} input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() != 4:
+        raise ValueError(f"{op} input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
+    if any(t.device != input.device for t in tensors.values()):
+        *first, last = tensors
+        devices = ", ".join(str(t.device) for t in tensors.values())
+        raise ValueError(f"{op} {', '.join(first)} and {last} must be on one device, got {devices}")
+    n, h, w, c = input.shape
+    group, group_channels = geometry[8], geometry[9]
+    h_out, w_out, points = check_dcnv3_params(h, w, *geometry, offset_scale, remove_center, op=op)
+    if c != group * group_channels:
+        raise ValueError(
+            f"{op} input has {c} channels but group * group_channels = {group} * {group_channels} = "
+            f"{group * group_channels}"
+        )
+    return n, h_out, w_out, points
+
+
 def check_dcnv3_args(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -108,41 +139,13 @@ def check_dcnv3_args(
     offset_scale: float = 1.0,
 ) -> tuple[int, int, int]:
     """Validate shapes and parameters; return (H_out, W_out, P). Raises ValueError with a readable message."""
-    for name, t in (("input", input), ("offset", offset), ("mask", mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"DCNv3 {name} must be a tensor, got {type(t).__name__}")
-        if t.is_complex():
-            raise TypeError(f"DCNv3 {name} must be real, got {t.dtype}")
-    if not input.is_floating_point():  # (offset and mask are cast to the compute dtype, as the compiled op does)
-        raise TypeError(f"DCNv3 input must be a floating-point tensor, got {input.dtype}")
-    if input.dim() != 4:
-        raise ValueError(f"DCNv3 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
-    if offset.device != input.device or mask.device != input.device:
-        raise ValueError(
-            f"DCNv3 input, offset and mask must be on one device, got {input.device}, {offset.device}, {mask.device}"
-        )
-    n, h, w, c = input.shape
-    h_out, w_out, points = check_dcnv3_params(
-        h,
-        w,
-        kernel_h,
-        kernel_w,
-        stride_h,
-        stride_w,
-        pad_h,
-        pad_w,
-        dilation_h,
-        dilation_w,
-        group,
-        group_channels,
+    n, h_out, w_out, points = _check_input_and_params(
+        "DCNv3",
+        {"input": input, "offset": offset, "mask": mask},
+        (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels),
         offset_scale,
         remove_center,
     )
-    if c != group * group_channels:
-        raise ValueError(
-            f"DCNv3 input has {c} channels but group * group_channels = {group} * {group_channels} = "
-            f"{group * group_channels}"
-        )
     expected_offset = (n, h_out, w_out, group * points * 2)
     expected_mask = (n, h_out, w_out, group * points)
     if tuple(offset.shape) != expected_offset:
@@ -342,40 +345,13 @@ def check_dcnv4_args(
     remove_center: int,
 ) -> tuple[int, int, int]:
     """Validate DCNv4 shapes and parameters; return (H_out, W_out, P). Raises ValueError/TypeError."""
-    for name, t in (("input", input), ("offset_mask", offset_mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"DCNv4 {name} must be a tensor, got {type(t).__name__}")
-        if t.is_complex():
-            raise TypeError(f"DCNv4 {name} must be real, got {t.dtype}")
-    if not input.is_floating_point():
-        raise TypeError(f"DCNv4 input must be a floating-point tensor, got {input.dtype}")
-    if input.dim() != 4:
-        raise ValueError(f"DCNv4 input must be channels-last (N, H, W, C); got a {input.dim()}-d tensor")
-    if offset_mask.device != input.device:
-        raise ValueError(f"DCNv4 input and offset_mask must be on one device, got {input.device}, {offset_mask.device}")
-    n, h, w, c = input.shape
-    h_out, w_out, points = check_dcnv3_params(
-        h,
-        w,
-        kernel_h,
-        kernel_w,
-        stride_h,
-        stride_w,
-        pad_h,
-        pad_w,
-        dilation_h,
-        dilation_w,
-        group,
-        group_channels,
+    n, h_out, w_out, points = _check_input_and_params(
+        "DCNv4",
+        {"input": input, "offset_mask": offset_mask},
+        (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels),
         offset_scale,
         remove_center,
-        op="DCNv4",
     )
-    if c != group * group_channels:
-        raise ValueError(
-            f"DCNv4 input has {c} channels but group * group_channels = {group} * {group_channels} = "
-            f"{group * group_channels}"
-        )
     needed = group * points * 3
     if offset_mask.dim() != 4 or tuple(offset_mask.shape[:3]) != (n, h_out, w_out) or offset_mask.shape[3] < needed:
         raise ValueError(
