@@ -20,6 +20,7 @@ Several processes (CPU: gloo; GPUs: nccl), one checkpoint written by rank 0 into
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -117,6 +118,25 @@ def load_image_dataset(data: str, val_fraction: float, seed: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    fine_tune(args)
+    end_distributed()
+    return 0
+
+
+def end_distributed() -> None:
+    """Tear down the process group in an order torch cannot deadlock in.
+
+    DDP's reducer holds the process group. Freed last, from the reducer (with the GIL held), gloo's destructor joins
+    its worker threads while one of them may wait for the GIL to free a finished collective's tensors: the worker
+    hangs (left to interpreter exit instead, it aborts). So the trainer and its DDP wrapper go first, and
+    `destroy_process_group` then frees the group from Python, which releases the GIL while it waits.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # the trainer, its accelerator and the DDP wrapper hold each other in cycles
+        torch.distributed.destroy_process_group()
+
+
+def fine_tune(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     cpu = not torch.cuda.is_available()
     training_args = TrainingArguments(
@@ -194,11 +214,6 @@ def main(argv=None) -> int:
             f"saved the fine-tuned model to {output_dir} (world size {training_args.world_size}); "
             + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # An orderly end for the workers' communication threads (left to interpreter exit, one torchrun worker
-        # once aborted with "terminate called without an active exception" after its work was done).
-        torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,25 +28,50 @@ def load_example(name: str):
     return module
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below PID (Linux /proc): torchrun starts its workers in sessions of their own, so killing its
+    process group leaves them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 def run_script(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run `python ARGS` offline in tmp_path; on a timeout the whole process group (torchrun's workers too) is
-    killed."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    """Run `python ARGS` offline in tmp_path. Output goes to files, not pipes (a stuck worker cannot hold a pipe
+    open past its launcher); on a timeout every process it started gets SIGABRT (faulthandler prints where each one
+    was), then SIGKILL, and the test fails with that output."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONFAULTHANDLER="1",
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    out_path, err_path = tmp_path / "script-stdout.txt", tmp_path / "script-stderr.txt"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        process = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=out, stderr=err)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = [*_descendants(process.pid), process.pid]
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for pid in tree:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                time.sleep(3)
+            process.wait()
+            pytest.fail(f"timed out after {timeout} s:\n{out_path.read_text()[-3000:]}\n{err_path.read_text()[-8000:]}")
+    stdout, stderr = out_path.read_text(), err_path.read_text()
     assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
