@@ -114,3 +114,22 @@ def test_compile_section_ratios_and_inductor_options(monkeypatch):
         "flash-internimage-t": {"layout_optimization": False},
         "convnext-t": None,
     }
+
+
+def test_linear_bench_times_every_gemm_shape_of_a_model(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_linear", REPO / "bench" / "bench_linear.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "linear.json"
+    code = bench.main(
+        ["--variant", "tiny", "--image-size", "64", "--batch", "1", "--repeats", "1", "--min-time", "0.001"]
+        + ["--json", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    roles = {role for row in result["rows"] for role in row["roles"]}
+    assert {"input_proj", "offset", "mask", "output_proj", "fc1", "fc2"} <= roles
+    for row in result["rows"]:
+        assert row["gflops"]["ours"] > 0 and row["gflops"]["torch"] > 0 and row["ours_over_best"] > 0
+    assert result["merged_offset_mask"], "a DCNv3 model's offset and mask GEMMs are timed merged too"
+    assert "GFLOP/s" in capsys.readouterr().out
