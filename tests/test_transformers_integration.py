@@ -256,6 +256,26 @@ def test_cpu_inference_layers_agree_with_plain_pytorch():
         assert cpu_layers.onednn_linear_dtype(x, model.classifier.weight) is None  # training keeps F.linear
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_under_bf16_autocast_casts_like_f_linear(input_dtype, weight_dtype, gelu):
+    """Under bf16 autocast F.linear casts input, weight and bias to bf16 whatever their dtypes; so does the CPU
+    layers' linear (a bf16 model fed float32 pixels once reached oneDNN with mixed dtypes and failed)."""
+    from internimage_hf.ops import cpu_layers
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 7, 16, generator=g).to(input_dtype)
+    weight = torch.randn(24, 16, generator=g).to(weight_dtype)
+    bias = torch.randn(24, generator=g).to(weight_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cpu_layers.linear(x, weight, bias, gelu=gelu)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        expected = torch.nn.functional.gelu(expected) if gelu else expected
+    assert out.dtype == expected.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert rel_err(out.float(), expected.float()) < 2e-2  # bf16 GEMMs summing in different orders
+
+
 def test_cpu_layers_step_aside_for_compile_and_adapters():
     """Mode.TORCH_COMPILE keeps the plain layers; a hooked fc1 (e.g. an adapter) is called, not bypassed."""
     from kernels import Mode, kernelize

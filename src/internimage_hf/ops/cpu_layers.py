@@ -97,8 +97,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = _OneDNNLinearFunction.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
         return F.gelu(out) if gelu else out
-    if dtype != weight.dtype:  # bf16 autocast inference
-        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if x.dtype != dtype:  # bf16 autocast inference casts input, weight and bias as F.linear would
+        x = x.to(dtype)
+    if weight.dtype != dtype:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     # oneDNN's linear takes the (..., in) input as it is (no reshape or view: each costs microseconds, and a
     # forward makes about 180 of these calls); GELU, when asked, is fused into the GEMM.
     if gelu:
