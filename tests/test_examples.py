@@ -120,7 +120,7 @@ def test_finetune_on_two_cpu_processes_with_torchrun(tmp_path):
 
 
 FSDP2_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
+import gc, json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from internimage_hf import InternImageConfig, InternImageForImageClassification
 from internimage_hf.modeling_internimage import InternImageLayer
@@ -150,6 +150,8 @@ record = {"losses": losses, "sharded": type(model.classifier.weight).__name__,
           "scales": sorted({round(g["lr_scale"], 6) for g in groups})}
 with open(sys.argv[1] + f"/rank{rank}.json", "w") as f:
     json.dump(record, f)
+del model, optimizer, groups  # what holds the process group goes first (examples/finetune.py, end_distributed)
+gc.collect()
 dist.destroy_process_group()
 """
 
