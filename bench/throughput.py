@@ -315,21 +315,12 @@ def prepare_internimage(
         use_reference(module)
 
 
-# InternImage keeps its features channels-last (N, H, W, C) between convolutions; inductor's layout optimisation
-# gives every 4-D tensor upstream of a convolution channels-last strides as if dim 1 were channels, which for an
-# (N, H, W, C) tensor puts H innermost: LayerNorm then reduces over strided C and copies transpose around every
-# GEMM (measured 2026-12-07: ~16% slower at 1 thread, compile time x2). ConvNeXt's tensors are (N, C, H, W), where
-# the optimisation is right, so it keeps the default.
-INDUCTOR_OPTIONS = {"internimage": {"layout_optimization": False}}
-
-
-def compile_module(name: str, module: torch.nn.Module) -> torch.nn.Module:
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """`module` under torch.compile for inference: inductor with freezing (set only inside the bench)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # constant weights: prepacked GEMM/conv weights, folded constants
-    family = name.rsplit("-", 1)[0].removeprefix("flash-")
-    return torch.compile(module, fullgraph=True, options=INDUCTOR_OPTIONS.get(family))
+    return torch.compile(module, fullgraph=True)
 
 
 def build_cases(args, device) -> list[Case]:
@@ -357,7 +348,7 @@ def build_cases(args, device) -> list[Case]:
                             opt = torch.optim.AdamW(module.parameters(), lr=1e-5) if mode == "train" else None
                             case_mode = mode
                             if runner == "inductor":
-                                module, case_mode = compile_module(name, module), "inference-inductor"
+                                module, case_mode = compile_module(module), "inference-inductor"
                             cases.append(Case(name, impl, case_mode, batch, dtype, module, inputs, labels, opt))
     return cases
 

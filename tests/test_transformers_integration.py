@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -310,3 +311,37 @@ def test_cpu_training_layers_gradients_match_float64():
     # Randomised deformable offsets amplify float32 rounding to ~2e-5 here, on either path.
     assert rel_err(plain, exact) < 1e-4
     assert rel_err(fast, exact) < max(3 * rel_err(plain, exact), 1e-6)
+
+
+@pytest.mark.parametrize("core_op", ["DCNv3", "DCNv4"])
+def test_inductor_keeps_features_channels_innermost(core_op):
+    """torch.compile on the CPU: inductor's layout optimisation gives every 4-D tensor upstream of a convolution
+    `channels_last` strides computed from its own shape, as if dim 1 were channels. An (N, H, W, C) feature map
+    so laid out has H innermost: every LayerNorm then reduces over strided channels and every GEMM input is
+    transposed (compiled InternImage-T ran at 0.77x its eager speed). The blocks carry (N, H*W, C) tokens, so no
+    buffer of the compiled code may be 4-D with a spatial size in dim 1 and stride 1 there. (Inference only: a
+    training graph still lays out the 4-D op inputs it saves for backward that way, bench/README.md.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    config = tiny_config(
+        core_op=core_op, depths=[1, 1, 1, 1], image_size=160, **({"dw_kernel_size": 3} if core_op == "DCNv4" else {})
+    )
+    channels = {config.num_channels, config.channels // 2, config.channels, *config.hidden_sizes}
+    spatial = {160 // 2**k for k in range(1, 6)}
+    assert not channels & spatial  # sizes chosen so that a buffer's dim 1 tells channels from rows
+    model = randomise(InternImageForImageClassification(config)).eval()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            _, codes = run_and_get_code(torch.compile(model, fullgraph=True), pixels(h=160, w=160))
+    finally:
+        torch._dynamo.reset()
+    # Every 4-D (size, stride) pair in the code: allocations, reinterpretations of reused buffers, stride asserts.
+    buffers = [
+        (tuple(int(v) for v in size.split(",")), tuple(int(v) for v in stride.split(",")))
+        for code in codes
+        for size, stride in re.findall(r"\((\d+, \d+, \d+, \d+)\), \((\d+, \d+, \d+, \d+)\)", code)
+    ]
+    assert len(buffers) > 10  # the pattern still matches inductor's code
+    wrong = [(size, stride) for size, stride in buffers if stride[1] == 1 and size[1] in spatial and size[3] > 1]
+    assert not wrong, f"feature maps laid out with a spatial dimension innermost: {wrong}"
