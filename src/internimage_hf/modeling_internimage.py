@@ -71,6 +71,11 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H*W, C) tokens as an (N, H, W, C) map (a view where the strides allow: always, in the model)."""
+    return tokens.reshape(tokens.shape[0], size[0], size[1], tokens.shape[-1])
+
+
 class InternImageConvNorm(nn.Module):
     """Conv2d on a channels-first input followed by a channels-last LayerNorm (output channels-last)."""
 
@@ -128,7 +133,7 @@ class InternImageDepthwiseConv(InternImageConvNorm):
         self.act = nn.GELU()
 
     def forward(self, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:  # tokens in and out
-        return self.act(super().forward(to_channels_first(tokens.unflatten(1, size))).flatten(1, 2))
+        return self.act(super().forward(to_channels_first(to_map(tokens, size))).flatten(1, 2))
 
 
 class InternImageDCNv3(nn.Module):
@@ -183,9 +188,9 @@ class InternImageDCNv3(nn.Module):
         # kernel; the reference computes it in float32 at least, as the official code does).
         pad = (self.kernel_size - 1) // 2
         out = self.core(
-            x.unflatten(1, size),
-            offset.unflatten(1, size),
-            mask.unflatten(1, size),
+            to_map(x, size),
+            to_map(offset, size),
+            to_map(mask, size),
             self.kernel_size,
             self.kernel_size,
             1,
@@ -241,12 +246,12 @@ class InternImageDCNv4(nn.Module):
         # Offsets and mask come from this layer's input (norm1(x) in pre-norm, the raw block input in post-norm).
         features = hidden_states
         if self.offset_mask_dw is not None:
-            features = self.offset_mask_dw(to_channels_first(hidden_states.unflatten(1, size)))
+            features = self.offset_mask_dw(to_channels_first(to_map(hidden_states, size)))
             features = to_channels_last(features).flatten(1, 2)
         offset_mask = self.offset_mask(features)
         out = self.core(
-            x.unflatten(1, size),
-            offset_mask.unflatten(1, size),
+            to_map(x, size),
+            to_map(offset_mask, size),
             self.kernel_size,
             self.kernel_size,
             1,  # stride_h
@@ -345,7 +350,7 @@ class InternImageLevel(nn.Module):
         Taking and returning the channels-first tensors the model reports as hidden states keeps those tensors on
         the computation path (gradients reach them, output hooks see them); the permutes are free views.
         """
-        size = tuple(hidden_states.shape[-2:])
+        size = (hidden_states.shape[2], hidden_states.shape[3])
         tokens = to_channels_last(hidden_states).flatten(1, 2)
         for i, layer in enumerate(self.layers):
             tokens = layer(tokens, size)
@@ -353,7 +358,7 @@ class InternImageLevel(nn.Module):
                 tokens = self.post_norms[self.post_norm_ids.index(i)](tokens)
         if self.norm is not None:
             tokens = self.norm(tokens)
-        return to_channels_first(tokens.unflatten(1, size))
+        return to_channels_first(to_map(tokens, size))
 
 
 class InternImageEncoder(nn.Module):
