@@ -313,6 +313,47 @@ def test_cpu_training_layers_gradients_match_float64():
     assert rel_err(fast, exact) < max(3 * rel_err(plain, exact), 1e-6)
 
 
+def test_cpu_training_mlp_keeps_no_gelu_output_and_gives_the_same_gradients():
+    """The training MLP layer saves fc1's input and output, not GELU's output (recomputed in backward): the MLP's
+    saved activations are 5C wide per token instead of 9C. Its gradients are those of the unfused oneDNN path
+    (fc1 and fc2 as separate oneDNN Linears, F.gelu between), bit for bit, and within float32 of float64."""
+    from internimage_hf.modeling_internimage import InternImageMLP
+    from internimage_hf.ops import cpu_layers
+
+    mlp = InternImageMLP(tiny_config(), 16).train()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    x = torch.randn(2, 5, 6, 16, generator=generator)
+    grad_out = torch.randn(2, 5, 6, 16, generator=generator)
+
+    def run(module, inputs, forward):
+        module.zero_grad()
+        inputs = inputs.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = forward(module, inputs)
+        out.backward(grad_out.to(out.dtype))
+        weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        activations = sum(t.numel() for t in saved if t.untyped_storage().data_ptr() not in weights)
+        return [inputs.grad] + [p.grad for p in module.parameters()], activations
+
+    def unfused(m, inputs):
+        hidden = cpu_layers.linear(inputs, m.fc1.weight, m.fc1.bias)
+        return cpu_layers.linear(torch.nn.functional.gelu(hidden), m.fc2.weight, m.fc2.bias)
+
+    fused_grads, fused_saved = run(mlp, x, cpu_layers.OneDNNMLP.forward)
+    unfused_grads, unfused_saved = run(mlp, x, unfused)
+    exact_grads, _ = run(copy.deepcopy(mlp).double(), x.double(), lambda m, inputs: m(inputs))
+    tokens = x[..., 0].numel()
+    assert unfused_saved == tokens * (16 + 64 + 64)  # fc1's input, GELU's input, fc2's input
+    assert fused_saved == tokens * (16 + 64)
+    for fused, unfused, exact in zip(fused_grads, unfused_grads, exact_grads):
+        assert torch.equal(fused, unfused)
+        assert rel_err(fused.double(), exact) < 1e-5
+
+
 @pytest.mark.parametrize("core_op", ["DCNv3", "DCNv4"])
 def test_inductor_keeps_features_channels_innermost(core_op):
     """torch.compile on the CPU: inductor's layout optimisation gives every 4-D tensor upstream of a convolution

@@ -1,5 +1,5 @@
 """CPU layers that `kernels.kernelize` swaps in for InternImage's Linear and MLP: GEMMs on oneDNN, the MLP's GELU
-fused into its first GEMM.
+fused into its first GEMM (inference) or recomputed in backward instead of saved (training).
 
 The modeling file uses plain `nn.Linear`/`nn.GELU` (decorated `use_kernel_forward_from_hub("InternImageLinear")` and
 `("InternImageMLP")`); `register()` maps those names, on cpu, for the inference and training modes, to the layers
@@ -84,15 +84,45 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _OneDNNMLPFunction(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) for training, with the ops `_OneDNNLinearFunction` and F.gelu use (the same gradients, bit
+    for bit), saving x and fc1's output only: GELU's output, the MLP's other 4C-wide activation, is recomputed in
+    backward for fc2's weight gradient instead of kept (a quarter of what a block saves; one GELU pass more)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight1, bias1, weight2, bias2):
+        hidden = _onednn_linear_op()(x2d, weight1, bias1, "none", [], "")
+        ctx.save_for_backward(x2d, hidden, weight1, weight2)
+        ctx.has_bias = (bias1 is not None, bias2 is not None)
+        return _onednn_linear_op()(F.gelu(hidden), weight2, bias2, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2d, hidden, weight1, weight2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad = grad.contiguous()
+        grad_w2 = grad.t().mm(F.gelu(hidden)) if needs[3] else None
+        grad_b2 = grad.sum(0) if ctx.has_bias[1] and needs[4] else None
+        grad_hidden = torch.ops.aten.gelu_backward(
+            _onednn_linear_op()(grad, weight2.t().contiguous(), None, "none", [], ""), hidden
+        )
+        grad_x = _onednn_linear_op()(grad_hidden, weight1.t().contiguous(), None, "none", [], "") if needs[0] else None
+        grad_w1 = grad_hidden.t().mm(x2d) if needs[1] else None
+        grad_b1 = grad_hidden.sum(0) if ctx.has_bias[0] and needs[2] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _requires_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
     """F.linear (then GELU if asked) on oneDNN where it applies (`onednn_linear_dtype`), else in plain PyTorch."""
     dtype = onednn_linear_dtype(x, weight)
     if dtype is None:
         out = F.linear(x, weight, bias)
         return F.gelu(out) if gelu else out
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if _requires_grad(x, weight, bias):
         # never under autocast (`onednn_linear_dtype`): x, weight and bias have one dtype throughout
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         out = _OneDNNLinearFunction.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -141,14 +171,28 @@ class OneDNNLinear(nn.Module):
 
 class OneDNNMLP(nn.Module):
     """Replaces `InternImageMLP.forward` (fc1, act, dropout, fc2, dropout): fc1 and the exact GELU as one oneDNN
-    call. Adapted or hooked sub-modules are called as they are, so nothing attached to them is bypassed."""
+    call; in training (no active dropout) the whole MLP as `_OneDNNMLPFunction`, which saves no GELU output. Adapted
+    or hooked sub-modules are called as they are, so nothing attached to them is bypassed."""
 
     has_backward = True
     can_torch_compile = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _plain_linear(self.fc1) and _exact_gelu(self.act):
-            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        fc1, fc2 = self.fc1, self.fc2
+        fused = _plain_linear(fc1) and _exact_gelu(self.act)
+        if (
+            fused
+            and _plain_linear(fc2)
+            and (self.dropout.p == 0 or not self.dropout.training)
+            and _requires_grad(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            and onednn_linear_dtype(x, fc1.weight) is not None
+            and fc2.weight.dtype == x.dtype
+        ):
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = _OneDNNMLPFunction.apply(flat, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            return out.view(*x.shape[:-1], fc2.weight.shape[0])
+        if fused:
+            x = linear(x, fc1.weight, fc1.bias, gelu=True)
         else:
             x = self.act(self.fc1(x))
         return self.dropout(self.fc2(self.dropout(x)))
