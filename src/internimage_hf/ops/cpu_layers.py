@@ -60,28 +60,32 @@ def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | 
     return None if dtype is None or _tracing() else dtype
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _onednn_linear_op()(x, weight, bias, "none", [], "")
+
+
+def _linear_backward(grad: torch.Tensor, x2d, weight: torch.Tensor, has_bias: bool, needs) -> tuple:
+    """Gradients of x2d W^T + b for the three inputs `needs` flags: the input's on oneDNN, the weight's on torch.mm
+    (faster for its long reduction). `x2d` is read only for the weight's."""
+    grad_x = _onednn_linear(grad, weight.t().contiguous()) if needs[0] else None
+    grad_w = grad.t().mm(x2d) if needs[1] else None
+    grad_b = grad.sum(0) if has_bias and needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """y = x W^T + b on oneDNN, with the input gradient on oneDNN too (the weight gradient stays on torch.mm,
-    which is faster for its long reduction)."""
+    """y = x W^T + b on oneDNN (gradients: `_linear_backward`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias):
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear_op()(x2d, weight, bias, "none", [], "")
+        return _onednn_linear(x2d, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x2d, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear_op()(grad, weight.t().contiguous(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:
-            grad_w = grad.t().mm(x2d)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum(0)
-        return grad_x, grad_w, grad_b
+        return _linear_backward(grad.contiguous(), x2d, weight, ctx.has_bias, ctx.needs_input_grad)
 
 
 class _OneDNNMLPFunction(torch.autograd.Function):
@@ -91,25 +95,27 @@ class _OneDNNMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight1, bias1, weight2, bias2):
-        hidden = _onednn_linear_op()(x2d, weight1, bias1, "none", [], "")
+        hidden = _onednn_linear(x2d, weight1, bias1)
         ctx.save_for_backward(x2d, hidden, weight1, weight2)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
-        return _onednn_linear_op()(F.gelu(hidden), weight2, bias2, "none", [], "")
+        return _onednn_linear(F.gelu(hidden), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad):
         x2d, hidden, weight1, weight2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad = grad.contiguous()
-        grad_w2 = grad.t().mm(F.gelu(hidden)) if needs[3] else None
-        grad_b2 = grad.sum(0) if ctx.has_bias[1] and needs[4] else None
-        grad_hidden = torch.ops.aten.gelu_backward(
-            _onednn_linear_op()(grad, weight2.t().contiguous(), None, "none", [], ""), hidden
+        fc1_needs = needs[:3]
+        grad_gelu, grad_w2, grad_b2 = _linear_backward(
+            grad.contiguous(),
+            F.gelu(hidden) if needs[3] else None,
+            weight2,
+            ctx.has_bias[1],
+            (any(fc1_needs), needs[3], needs[4]),
         )
-        grad_x = _onednn_linear_op()(grad_hidden, weight1.t().contiguous(), None, "none", [], "") if needs[0] else None
-        grad_w1 = grad_hidden.t().mm(x2d) if needs[1] else None
-        grad_b1 = grad_hidden.sum(0) if ctx.has_bias[0] and needs[2] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        if not any(fc1_needs):  # fc1 and the input frozen: nothing flows further back
+            return None, None, None, grad_w2, grad_b2
+        grad_hidden = torch.ops.aten.gelu_backward(grad_gelu, hidden)
+        return *_linear_backward(grad_hidden, x2d, weight1, ctx.has_bias[0], fc1_needs), grad_w2, grad_b2
 
 
 def _requires_grad(*tensors: torch.Tensor | None) -> bool:
@@ -135,7 +141,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     # forward makes about 180 of these calls); GELU, when asked, is fused into the GEMM.
     if gelu:
         return _onednn_linear_op()(x, weight, bias, "gelu", [None], "none")
-    return _onednn_linear_op()(x, weight, bias, "none", [], "")
+    return _onednn_linear(x, weight, bias)
 
 
 def _plain_linear(module: nn.Module) -> bool:
