@@ -99,8 +99,11 @@ def test_compile_section_ratios_and_inductor_options(monkeypatch):
         {**row, "model": "convnext-t", "impl": "-", "mode": "inference-inductor", "img_per_s": 15.0, "compile_s": 9.0},
     ]
     text = bench.compile_ratios({"rows": rows})
-    assert "- internimage-t (compiled) batch 8 float32: inductor / eager 1.20×, compile (first call) 40 s" in text
-    assert "- convnext-t batch 8 float32: compile (first call) 9 s" in text
+    assert (
+        "- internimage-t (compiled) batch 8 float32: inductor / eager 1.20×, compile (first call, empty caches) 40 s"
+        " (4.5× ConvNeXt-T's)" in text
+    )
+    assert "- convnext-t batch 8 float32: compile (first call, empty caches) 9 s\n" in text + "\n"
 
     import torch._inductor.config as inductor_config
 
@@ -111,6 +114,53 @@ def test_compile_section_ratios_and_inductor_options(monkeypatch):
         bench.compile_module(name)
     assert seen == [(name, {"fullgraph": True}) for name in ("internimage-t", "flash-internimage-t", "convnext-t")]
     assert inductor_config.freezing is True
+
+
+def test_compile_time_is_a_first_compile_in_empty_caches(monkeypatch, tmp_path):
+    """The first call of an inductor case runs with TORCHINDUCTOR_CACHE_DIR on a new, empty directory (no cache hit
+    from earlier runs), removed afterwards, and the user's setting comes back."""
+    import os
+
+    import torch
+
+    bench = load_bench()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user-cache"))
+    seen = []
+
+    class Case:
+        def step(self):
+            cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            seen.append((cache, os.path.isdir(cache), os.listdir(cache)))
+
+    seconds = bench.cold_compile_seconds(Case(), torch.device("cpu"))
+    assert seconds >= 0 and len(seen) == 1
+    cache, existed, content = seen[0]
+    assert cache != str(tmp_path / "user-cache") and existed and content == []
+    assert not os.path.exists(cache)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user-cache")
+
+
+def test_inductor_warm_up_compiles_in_a_cache_of_its_own(monkeypatch, tmp_path):
+    """The untimed warm-up compile (inductor's one-time costs) leaves nothing in the user's inductor cache."""
+    import os
+
+    import torch
+
+    bench = load_bench()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    caches = []
+
+    def compile_module(module):
+        def call(x):
+            caches.append(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            return module(x)
+
+        return call
+
+    monkeypatch.setattr(bench, "compile_module", compile_module)
+    bench.warm_up_inductor(torch.device("cpu"))
+    assert len(caches) == 1 and caches[0] != str(tmp_path) and not os.path.exists(caches[0])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_linear_bench_times_every_gemm_shape_of_a_model(tmp_path, capsys):
