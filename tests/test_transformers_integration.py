@@ -243,7 +243,7 @@ def test_cpu_inference_layers_agree_with_plain_pytorch():
     x = pixels()
     with torch.no_grad():
         assert cpu_layers.onednn_linear_dtype(x.permute(0, 2, 3, 1), model.classifier.weight) == (
-            torch.float32 if cpu_layers._onednn_linear_op() is not None else None
+            torch.float32 if cpu_layers._onednn_linear_op() is not None and cpu_layers._onednn_float32() else None
         )
         fast = model(x, output_hidden_states=True)
         plain = plain_model(x, output_hidden_states=True)
@@ -313,12 +313,46 @@ def test_cpu_training_layers_gradients_match_float64():
     assert rel_err(fast, exact) < max(3 * rel_err(plain, exact), 1e-6)
 
 
-def test_cpu_training_mlp_keeps_no_gelu_output_and_gives_the_same_gradients():
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2", "NO AVX", "DEFAULT", "SVE256"])
+def test_float32_gemm_path_follows_the_machine(monkeypatch, capability):
+    """float32 Linears run on oneDNN except on x86 CPUs without AVX-512, where F.linear (MKL) measured faster; the
+    kernelized model then makes no oneDNN call in inference and still agrees with plain PyTorch."""
+    from internimage_hf.ops import cpu_layers
+
+    if cpu_layers._onednn_linear_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu_layers._onednn_float32.cache_clear()
+    try:
+        onednn = cpu_layers._onednn_float32()
+    finally:
+        cpu_layers._onednn_float32.cache_clear()
+    assert onednn == (capability not in ("AVX2", "NO AVX"))
+
+    monkeypatch.setattr(cpu_layers, "_onednn_float32", lambda: onednn)
+    calls = []
+    op = cpu_layers._onednn_linear_op()
+    monkeypatch.setattr(cpu_layers, "_onednn_linear_op", lambda: lambda *args: calls.append(1) or op(*args))
+    plain_model = randomise(InternImageForImageClassification(tiny_config())).eval()
+    model = _cpu_layers(copy.deepcopy(plain_model), "INFERENCE")
+    with torch.no_grad():
+        fast, plain = model(pixels()).logits, plain_model(pixels()).logits
+    assert bool(calls) == onednn
+    assert rel_err(fast, plain) < 1e-5
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_training_mlp_keeps_no_gelu_output_and_gives_the_same_gradients(monkeypatch, onednn):
     """The training MLP layer saves fc1's input and output, not GELU's output (recomputed in backward): the MLP's
-    saved activations are 5C wide per token instead of 9C. Its gradients are those of the unfused oneDNN path
-    (fc1 and fc2 as separate oneDNN Linears, F.gelu between), bit for bit, and within float32 of float64."""
+    saved activations are 5C wide per token instead of 9C, on either float32 GEMM path. Its gradients are those of
+    the unfused path (fc1 and fc2 as separate Linears on the same GEMMs, F.gelu between), bit for bit, and within
+    float32 of float64."""
     from internimage_hf.modeling_internimage import InternImageMLP
     from internimage_hf.ops import cpu_layers
+
+    if onednn and cpu_layers._onednn_linear_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(cpu_layers, "_onednn_float32", lambda: onednn)
 
     mlp = InternImageMLP(tiny_config(), 16).train()
     generator = torch.Generator().manual_seed(3)

@@ -1,16 +1,17 @@
-"""CPU layers that `kernels.kernelize` swaps in for InternImage's Linear and MLP: GEMMs on oneDNN, the MLP's GELU
-fused into its first GEMM (inference) or recomputed in backward instead of saved (training).
+"""CPU layers that `kernels.kernelize` swaps in for InternImage's Linear and MLP: GEMMs on oneDNN where it is the
+faster path on this machine, the MLP's GELU fused into its first GEMM (inference) or recomputed in backward instead of
+saved (training).
 
 The modeling file uses plain `nn.Linear`/`nn.GELU` (decorated `use_kernel_forward_from_hub("InternImageLinear")` and
 `("InternImageMLP")`); `register()` maps those names, on cpu, for the inference and training modes, to the layers
 below. `AutoModel*.from_pretrained` kernelizes by default (transformers >= 5.25), otherwise call
 `kernels.kernelize(model, device="cpu", mode=Mode.INFERENCE)`; `Mode.TORCH_COMPILE` keeps the plain layers (inductor
-picks its own GEMMs). On InternImage's shapes oneDNN's linear (the kernel inductor's CPU freezing uses) is faster than
-eager addmm and can fuse GELU (measured 2026-12-07, AMD EPYC AVX-512: plain layers cost 10-18% of inference speed).
+picks its own GEMMs). Which GEMM runs float32 is a fact of the machine (`_onednn_float32`): oneDNN's linear (the
+kernel inductor's CPU freezing uses, and it can fuse GELU) with AVX-512, F.linear (MKL) on x86 CPUs without it.
 
 Every call reads the module's current weight (nothing is packed or cached, so no edit can go stale) and decides
-from the call alone (device, dtype, autocast, grad mode, tracing): no global state. Where oneDNN does not apply the
-layers compute exactly what the plain modules do.
+from the call alone (device, dtype, autocast, grad mode, tracing) and the machine: no process state. Where oneDNN does
+not apply the layers compute exactly what the plain modules do.
 """
 
 from __future__ import annotations
@@ -38,15 +39,26 @@ def _onednn_bf16() -> bool:
     return bool(check is not None and check())
 
 
+@functools.cache
+def _onednn_float32() -> bool:
+    """Whether float32 Linears run on oneDNN's linear rather than F.linear (MKL): not on x86 CPUs whose best
+    instruction set torch dispatches to is AVX2 or older. Measured on InternImage-T's GEMMs in the whole model
+    (bench/README.md, 2026-12-07, AMD EPYC, same process): with AVX-512, oneDNN ran the forward 7-10% faster than
+    F.linear; with both libraries held to AVX2, F.linear ran it 0-12% faster. Decided by the machine (and torch's
+    ATEN_CPU_CAPABILITY), so every process on it computes alike."""
+    return torch.backends.cpu.get_cpu_capability() not in ("AVX2", "NO AVX")
+
+
 def _tracing() -> bool:
     """jit tracing, torch.compile and exports (`dispatch._exporting`) get the plain ops every tool knows."""
     return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or _exporting())
 
 
 def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear: float32 (and bfloat16 on
-    CPUs with native bf16) on the CPU; under bfloat16 autocast, inference only. Tracing and export keep F.linear.
-    (Called for every Linear: the cheap tests come first, the tracing probes last.)"""
+    """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear: float32 on CPUs where oneDNN
+    is the faster path (`_onednn_float32`) and bfloat16 on CPUs with native bf16; under bfloat16 autocast, inference
+    only. Tracing and export keep F.linear. (Called for every Linear: the cheap tests come first, the tracing probes
+    last.)"""
     if x.device.type != "cpu" or _onednn_linear_op() is None:
         return None
     if torch.is_autocast_enabled("cpu"):
@@ -56,7 +68,8 @@ def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | 
     elif x.dtype != weight.dtype:
         return None
     else:
-        dtype = x.dtype if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _onednn_bf16()) else None
+        native = _onednn_float32() if x.dtype == torch.float32 else x.dtype == torch.bfloat16 and _onednn_bf16()
+        dtype = x.dtype if native else None
     return None if dtype is None or _tracing() else dtype
 
 
@@ -64,10 +77,16 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _onednn_linear_op()(x, weight, bias, "none", [], "")
 
 
-def _linear_backward(grad: torch.Tensor, x2d, weight: torch.Tensor, has_bias: bool, needs) -> tuple:
-    """Gradients of x2d W^T + b for the three inputs `needs` flags: the input's on oneDNN, the weight's on torch.mm
-    (faster for its long reduction). `x2d` is read only for the weight's."""
-    grad_x = _onednn_linear(grad, weight.t().contiguous()) if needs[0] else None
+def _gemm(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    return _onednn_linear(x2d, weight, bias) if onednn else F.linear(x2d, weight, bias)
+
+
+def _linear_backward(grad: torch.Tensor, x2d, weight: torch.Tensor, has_bias: bool, needs, onednn: bool) -> tuple:
+    """Gradients of x2d W^T + b for the three inputs `needs` flags: the input's on oneDNN (or torch.mm), the
+    weight's on torch.mm (faster for its long reduction). `x2d` is read only for the weight's."""
+    grad_x = None
+    if needs[0]:
+        grad_x = _onednn_linear(grad, weight.t().contiguous()) if onednn else grad.mm(weight)
     grad_w = grad.t().mm(x2d) if needs[1] else None
     grad_b = grad.sum(0) if has_bias and needs[2] else None
     return grad_x, grad_w, grad_b
@@ -85,20 +104,22 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2d, weight = ctx.saved_tensors
-        return _linear_backward(grad.contiguous(), x2d, weight, ctx.has_bias, ctx.needs_input_grad)
+        return _linear_backward(grad.contiguous(), x2d, weight, ctx.has_bias, ctx.needs_input_grad, True)
 
 
-class _OneDNNMLPFunction(torch.autograd.Function):
-    """fc2(GELU(fc1(x))) for training, with the ops `_OneDNNLinearFunction` and F.gelu use (the same gradients, bit
-    for bit), saving x and fc1's output only: GELU's output, the MLP's other 4C-wide activation, is recomputed in
-    backward for fc2's weight gradient instead of kept (a quarter of what a block saves; one GELU pass more)."""
+class _MLPFunction(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) for training, on oneDNN or (`onednn` False) F.linear, with the ops the unfused layers use
+    (the same gradients, bit for bit), saving x and fc1's output only: GELU's output, the MLP's other 4C-wide
+    activation, is recomputed in backward for fc2's weight gradient instead of kept (a quarter of what a block
+    saves; one GELU pass more)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight1, bias1, weight2, bias2):
-        hidden = _onednn_linear(x2d, weight1, bias1)
+    def forward(ctx, x2d, weight1, bias1, weight2, bias2, onednn):
+        hidden = _gemm(x2d, weight1, bias1, onednn)
         ctx.save_for_backward(x2d, hidden, weight1, weight2)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
-        return _onednn_linear(F.gelu(hidden), weight2, bias2)
+        ctx.onednn = onednn
+        return _gemm(F.gelu(hidden), weight2, bias2, onednn)
 
     @staticmethod
     def backward(ctx, grad):
@@ -111,11 +132,13 @@ class _OneDNNMLPFunction(torch.autograd.Function):
             weight2,
             ctx.has_bias[1],
             (any(fc1_needs), needs[3], needs[4]),
+            ctx.onednn,
         )
         if not any(fc1_needs):  # fc1 and the input frozen: nothing flows further back
-            return None, None, None, grad_w2, grad_b2
+            return None, None, None, grad_w2, grad_b2, None
         grad_hidden = torch.ops.aten.gelu_backward(grad_gelu, hidden)
-        return *_linear_backward(grad_hidden, x2d, weight1, ctx.has_bias[0], fc1_needs), grad_w2, grad_b2
+        fc1_grads = _linear_backward(grad_hidden, x2d, weight1, ctx.has_bias[0], fc1_needs, ctx.onednn)
+        return *fc1_grads, grad_w2, grad_b2, None
 
 
 def _requires_grad(*tensors: torch.Tensor | None) -> bool:
@@ -176,9 +199,10 @@ class OneDNNLinear(nn.Module):
 
 
 class OneDNNMLP(nn.Module):
-    """Replaces `InternImageMLP.forward` (fc1, act, dropout, fc2, dropout): fc1 and the exact GELU as one oneDNN
-    call; in training (no active dropout) the whole MLP as `_OneDNNMLPFunction`, which saves no GELU output. Adapted
-    or hooked sub-modules are called as they are, so nothing attached to them is bypassed."""
+    """Replaces `InternImageMLP.forward` (fc1, act, dropout, fc2, dropout): in inference fc1 and the exact GELU as
+    one oneDNN call (where oneDNN runs the Linears); in training (no active dropout, no autocast) the whole MLP as
+    `_MLPFunction`, which saves no GELU output. Adapted or hooked sub-modules are called as they are, so nothing
+    attached to them is bypassed."""
 
     has_backward = True
     can_torch_compile = False
@@ -191,11 +215,14 @@ class OneDNNMLP(nn.Module):
             and _plain_linear(fc2)
             and (self.dropout.p == 0 or not self.dropout.training)
             and _requires_grad(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-            and onednn_linear_dtype(x, fc1.weight) is not None
-            and fc2.weight.dtype == x.dtype
+            and x.device.type == "cpu"
+            and x.dtype == fc1.weight.dtype == fc2.weight.dtype
+            and not torch.is_autocast_enabled("cpu")
+            and not _tracing()
         ):
             flat = x.reshape(-1, x.shape[-1]).contiguous()
-            out = _OneDNNMLPFunction.apply(flat, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            onednn = onednn_linear_dtype(x, fc1.weight) is not None
+            out = _MLPFunction.apply(flat, fc1.weight, fc1.bias, fc2.weight, fc2.bias, onednn)
             return out.view(*x.shape[:-1], fc2.weight.shape[0])
         if fused:
             x = linear(x, fc1.weight, fc1.bias, gelu=True)
