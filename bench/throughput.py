@@ -463,7 +463,10 @@ def cpu_description() -> str:
         if flag in flags
     ]
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
-    return f"{model}, {' / '.join(isa) or 'no AVX2'} (torch dispatch: {capability}), {os.cpu_count()} cores"
+    # Libraries held below what the CPU has (e.g. to run as an AVX2-only machine would) are part of the machine.
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k)]
+    held = f"; {', '.join(caps)}" if caps else ""
+    return f"{model}, {' / '.join(isa) or 'no AVX2'} (torch dispatch: {capability}{held}), {os.cpu_count()} cores"
 
 
 def device_name(device: torch.device) -> str:

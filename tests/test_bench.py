@@ -163,6 +163,18 @@ def test_inductor_warm_up_compiles_in_a_cache_of_its_own(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cpu_description_names_libraries_held_below_the_cpu(monkeypatch):
+    """A run with oneDNN or MKL held to an older instruction set (an AVX2 machine emulated) says so in its device
+    line, which every table and JSON carries."""
+    bench = load_bench()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    assert "ONEDNN_MAX_CPU_ISA" not in bench.cpu_description()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2" in bench.cpu_description()
+
+
 def test_linear_bench_times_every_gemm_shape_of_a_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_linear", REPO / "bench" / "bench_linear.py")
     bench = importlib.util.module_from_spec(spec)
