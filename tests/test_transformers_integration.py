@@ -388,6 +388,29 @@ def test_cpu_training_mlp_keeps_no_gelu_output_and_gives_the_same_gradients(monk
         assert rel_err(fused.double(), exact) < 1e-5
 
 
+@pytest.mark.parametrize(("core_op", "backend"), [("DCNv3", "auto"), ("DCNv3", "reference"), ("DCNv4", "auto")])
+def test_compile_with_dynamic_shapes_traces_the_whole_model(monkeypatch, core_op, backend):
+    """torch.compile(model, dynamic=True, fullgraph=True), as detection users compile for varying image sizes:
+    Dynamo traces a module's float attributes (offset_scale) as symbolic floats, and the DCN ops' argument checks
+    once called math.isfinite on them, which fails the trace. AOT's eager backend (the graph that Dynamo and
+    functionalisation give; torch 2.13's inductor then fails lowering the strided convolutions of such a graph with
+    a ValueRangeError of its own) must reproduce eager for two batch sizes and resolutions. The model is kernelized
+    as `from_pretrained` leaves it (its CPU layers step aside while tracing; they once queried the CPU first, which
+    Dynamo cannot trace). DCNv4's reference shares DCNv3's checks."""
+    monkeypatch.setenv("INTERNIMAGE_DCNV3_BACKEND", backend)
+    config = tiny_config(core_op=core_op, depths=[1, 1, 1, 1], **({"dw_kernel_size": 3} if core_op == "DCNv4" else {}))
+    model = _cpu_layers(randomise(InternImageForImageClassification(config)).eval(), "INFERENCE")
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+        with torch.no_grad():
+            for n, size in ((2, 64), (3, 96)):
+                x = pixels(n=n, h=size, w=size)
+                assert rel_err(compiled(x).logits, model(x).logits) < 1e-5
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("core_op", ["DCNv3", "DCNv4"])
 def test_inductor_keeps_features_channels_innermost(core_op):
     """torch.compile on the CPU: inductor's layout optimisation gives every 4-D tensor upstream of a convolution

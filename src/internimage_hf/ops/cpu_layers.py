@@ -57,20 +57,26 @@ def _tracing() -> bool:
 def onednn_linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype a Linear runs in on oneDNN's linear, or None where it uses F.linear: float32 on CPUs where oneDNN
     is the faster path (`_onednn_float32`) and bfloat16 on CPUs with native bf16; under bfloat16 autocast, inference
-    only. Tracing and export keep F.linear. (Called for every Linear: the cheap tests come first, the tracing probes
-    last.)"""
+    only. Tracing and export keep F.linear. (Called for every Linear: the cheap tests come first, then the tracing
+    probes, then the machine's cached facts.)"""
     if x.device.type != "cpu" or _onednn_linear_op() is None:
         return None
     if torch.is_autocast_enabled("cpu"):
-        if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _onednn_bf16():
+        if torch.is_grad_enabled() or torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return None
-        dtype = torch.bfloat16 if x.is_floating_point() and weight.is_floating_point() else None
-    elif x.dtype != weight.dtype:
+        if not (x.is_floating_point() and weight.is_floating_point()):
+            return None
+        dtype = torch.bfloat16
+    elif x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     else:
-        native = _onednn_float32() if x.dtype == torch.float32 else x.dtype == torch.bfloat16 and _onednn_bf16()
-        dtype = x.dtype if native else None
-    return None if dtype is None or _tracing() else dtype
+        dtype = x.dtype
+    # The machine's facts only after the tracing probes: Dynamo cannot trace the capability queries behind them (a
+    # kernelized model under torch.compile would fail fullgraph, or break its graph at every Linear).
+    if _tracing():
+        return None
+    native = _onednn_bf16() if dtype == torch.bfloat16 else _onednn_float32()
+    return dtype if native else None
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -69,7 +69,9 @@ def check_dcnv3_params(
             raise ValueError(f"{op} {name} must be >= 1, got {value}")
     if pad_h < 0 or pad_w < 0:
         raise ValueError(f"{op} padding must be >= 0, got pad_h={pad_h}, pad_w={pad_w}")
-    if not math.isfinite(offset_scale):
+    # Not while compiling: torch.compile(dynamic=True) traces offset_scale as a symbolic float, which math.isfinite
+    # cannot take (fullgraph fails); a compiled model's value comes from its config, which refuses non-finite ones.
+    if not torch.compiler.is_compiling() and not math.isfinite(offset_scale):
         raise ValueError(f"{op} offset_scale must be finite, got {offset_scale}")
     if remove_center and (kernel_h % 2 == 0 or kernel_w % 2 == 0):
         raise ValueError(f"{op} remove_center needs an odd kernel size")
