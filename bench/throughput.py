@@ -366,10 +366,9 @@ def fresh_inductor_cache():
 def warm_up_inductor(device: torch.device) -> None:
     """Compile a small conv + Linear model once, untimed, so that inductor's one-time costs (its imports, the C++
     toolchain's first runs) do not land on whichever model is compiled first (~10 s on a 2-core CPU)."""
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
-    )
-    net = compile_module(torch.nn.Sequential(net, torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(device).eval())
+    layers = (torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    net = torch.nn.Sequential(*layers, torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    net = compile_module(net.to(device).eval())
     with fresh_inductor_cache(), torch.inference_mode():
         net(torch.randn(2, 3, 16, 16, device=device))
     sync(device)
