@@ -7,7 +7,8 @@ The modeling file uses plain `nn.Linear`/`nn.GELU` (decorated `use_kernel_forwar
 below. `AutoModel*.from_pretrained` kernelizes by default (transformers >= 5.25), otherwise call
 `kernels.kernelize(model, device="cpu", mode=Mode.INFERENCE)`; `Mode.TORCH_COMPILE` keeps the plain layers (inductor
 picks its own GEMMs). Which GEMM runs float32 is a fact of the machine (`_onednn_float32`): oneDNN's linear (the
-kernel inductor's CPU freezing uses, and it can fuse GELU) with AVX-512, F.linear (MKL) on x86 CPUs without it.
+kernel inductor's CPU freezing uses, and it can fuse GELU), except on x86 CPUs without AVX-512, which keep F.linear
+(MKL).
 
 Every call reads the module's current weight (nothing is packed or cached, so no edit can go stale) and decides
 from the call alone (device, dtype, autocast, grad mode, tracing) and the machine: no process state. Where oneDNN does
